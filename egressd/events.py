@@ -1,0 +1,165 @@
+"""Events egressd reports, as frozen data with a stable journald MESSAGE_ID each.
+
+The MESSAGE_IDs never change once released: operators filter on them
+(``journalctl MESSAGE_ID=...``). Fields become ``EGRESSD_<NAME>`` journal fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    MESSAGE_ID: ClassVar[str] = ""
+    PRIORITY: ClassVar[int] = 6  # info
+
+    def message(self) -> str:
+        raise NotImplementedError
+
+    def fields(self) -> dict[str, str]:
+        """The event's data as EGRESSD_* journal fields (empty values left out)."""
+        out: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None or value == "" or value == ():
+                continue
+            if isinstance(value, tuple):
+                value = ",".join(str(v) for v in value)
+            out[f"EGRESSD_{f.name.upper()}"] = str(value)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class QueryBlocked(Event):
+    MESSAGE_ID: ClassVar[str] = "0c8d6f0e9a0b4a57a1c4f1a7d4b2e901"
+    PRIORITY: ClassVar[int] = 5  # notice
+    profile: str
+    uids: tuple[int, ...]
+    qname: str
+    qtype: str
+    verdict: str  # "block" (no rule allowed it) or "deny" (a deny rule matched)
+    rule: str  # file:line of the deciding rule, or "" when nothing matched
+    reason: str = ""
+    client: str = ""
+
+    def message(self) -> str:
+        why = f"by rule {self.rule}" if self.rule else "(not on the allowlist)"
+        return f"blocked {self.qtype} query for {self.qname} from profile {self.profile} {why}"
+
+
+@dataclass(frozen=True, slots=True)
+class QueryRefused(Event):
+    """A query refused before policy: several questions, bad class or opcode, garbage."""
+
+    MESSAGE_ID: ClassVar[str] = "5b0e0ec3b8a14b7c9d3e55a4f0c6a1b2"
+    PRIORITY: ClassVar[int] = 5
+    profile: str
+    reason: str
+    client: str = ""
+
+    def message(self) -> str:
+        return f"refused query from profile {self.profile}: {self.reason}"
+
+
+@dataclass(frozen=True, slots=True)
+class GrantFailed(Event):
+    MESSAGE_ID: ClassVar[str] = "8f3c2d1e6b5a4c3d9e8f7a6b5c4d3e2f"
+    PRIORITY: ClassVar[int] = 3  # err
+    profile: str
+    qname: str
+    error: str
+
+    def message(self) -> str:
+        return f"could not grant addresses of {self.qname} to profile {self.profile}: {self.error}"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamFailed(Event):
+    MESSAGE_ID: ClassVar[str] = "2a7b9c0d1e2f4a5b8c9d0e1f2a3b4c5d"
+    PRIORITY: ClassVar[int] = 4  # warning
+    profile: str
+    qname: str
+    error: str
+
+    def message(self) -> str:
+        return f"upstream lookup of {self.qname} for profile {self.profile} failed: {self.error}"
+
+
+@dataclass(frozen=True, slots=True)
+class RulesInstalled(Event):
+    MESSAGE_ID: ClassVar[str] = "6d1f4e2a9b8c4d7e8f0a1b2c3d4e5f60"
+    profiles: tuple[str, ...]
+    families: tuple[str, ...]
+    policy_hash: str
+
+    def message(self) -> str:
+        return (
+            f"firewall rules installed for profiles {', '.join(self.profiles)} "
+            f"({'/'.join(self.families)}), policy {self.policy_hash}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Started(Event):
+    MESSAGE_ID: ClassVar[str] = "b1c2d3e4f5a64b7c8d9e0f1a2b3c4d5e"
+    version: str
+    config: str
+    upstreams: tuple[str, ...]
+    listeners: tuple[str, ...]
+
+    def message(self) -> str:
+        return f"egressd {self.version} serving on {', '.join(self.listeners)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Reloaded(Event):
+    MESSAGE_ID: ClassVar[str] = "c3d4e5f6a7b84c9d0e1f2a3b4c5d6e7f"
+    config: str
+    policy_hash: str
+
+    def message(self) -> str:
+        return f"configuration reloaded from {self.config}, policy {self.policy_hash}"
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadFailed(Event):
+    MESSAGE_ID: ClassVar[str] = "d4e5f6a7b8c94d0e1f2a3b4c5d6e7f80"
+    PRIORITY: ClassVar[int] = 3
+    config: str
+    error: str
+
+    def message(self) -> str:
+        return f"reload failed, keeping the running policy: {self.error}"
+
+
+@dataclass(frozen=True, slots=True)
+class Stopping(Event):
+    MESSAGE_ID: ClassVar[str] = "e5f6a7b8c9d04e1f2a3b4c5d6e7f8091"
+    reason: str
+
+    def message(self) -> str:
+        return f"egressd stopping ({self.reason}); rules and sets stay in place (fail closed)"
+
+
+@dataclass(frozen=True, slots=True)
+class Repaired(Event):
+    MESSAGE_ID: ClassVar[str] = "f6a7b8c9d0e14f2a3b4c5d6e7f8091a2"
+    PRIORITY: ClassVar[int] = 4
+    what: str
+
+    def message(self) -> str:
+        return f"firewall state had drifted and was re-applied: {self.what}"
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Event):
+    MESSAGE_ID: ClassVar[str] = "0a1b2c3d4e5f4a6b7c8d9e0f1a2b3c4d"
+    PRIORITY: ClassVar[int] = 3
+    where: str
+    error: str
+    extra: tuple[str, ...] = field(default=())
+
+    def message(self) -> str:
+        return f"error in {self.where}: {self.error}"
