@@ -21,11 +21,15 @@ OUR_PAYLOAD = 1232  # the DNS flag day 2020 size: no IP fragmentation of UDP rep
 BLOCKED_TEXT = "blocked by egressd policy"
 
 
-def udp_limit(query: dns.message.Message) -> int:
-    """Largest UDP reply the client accepts: 512 without EDNS, else its size up to ours."""
-    if query.edns < 0:
+def udp_limit(reply: dns.message.Message) -> int:
+    """Largest UDP reply the client accepts: 512 without EDNS, else its size up to ours.
+
+    Works on the reply: make_response keeps the client's EDNS presence and its payload
+    size (``request_payload``).
+    """
+    if reply.edns < 0:
         return 512
-    return max(512, min(query.payload, OUR_PAYLOAD))
+    return max(512, min(reply.request_payload, OUR_PAYLOAD))
 
 
 def _response(query: dns.message.Message, rcode: int) -> dns.message.Message:
@@ -38,7 +42,10 @@ def _response(query: dns.message.Message, rcode: int) -> dns.message.Message:
 def _with_ede(r: dns.message.Message, query: dns.message.Message, code: int, text: str) -> None:
     # RFC 8914: an EDE option may only go to a client that used EDNS itself.
     if query.edns >= 0:
-        r.use_edns(0, payload=OUR_PAYLOAD, options=[dns.edns.EDEOption(code, text)])
+        r.use_edns(
+            0, payload=OUR_PAYLOAD, request_payload=query.payload,
+            options=[dns.edns.EDEOption(code, text)],
+        )
 
 
 def blocked(query: dns.message.Message, rcode: int) -> dns.message.Message:

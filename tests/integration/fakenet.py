@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dnslib import EDNS0, QTYPE, RCODE, RR, SOA, TXT, DNSRecord
+from dnslib import EDNS0, QTYPE, RCODE, RR, SOA, TXT, A, DNSRecord
 
 ZONE_SOA = SOA("ns1.fake-root.", "hostmaster.fake-root.", (2024010101, 3600, 600, 86400, 30))
 SOA_OWNER = "."
@@ -193,7 +193,7 @@ class DnsLogic:
     def _rogue(self, req: DNSRecord) -> DNSRecord:
         reply = req.reply()
         if req.q.qtype == QTYPE.A:
-            reply.add_answer(RR(req.q.qname, QTYPE.A, ttl=60, rdata=_a(self.rogue_a or "")))
+            reply.add_answer(RR(req.q.qname, QTYPE.A, ttl=60, rdata=A(self.rogue_a or "")))
         else:
             reply.add_auth(RR(SOA_OWNER, QTYPE.SOA, ttl=SOA_TTL, rdata=ZONE_SOA))
         return reply
@@ -224,12 +224,6 @@ class DnsLogic:
             return reply
         reply.header.rcode = RCODE.SERVFAIL  # CNAME loop
         return reply
-
-
-def _a(addr: str) -> Any:
-    from dnslib import A
-
-    return A(addr)
 
 
 def family_of(addr: str) -> socket.AddressFamily:

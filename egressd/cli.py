@@ -1,0 +1,123 @@
+"""Command line: ``egressd run``, ``egressd check-config``, ``egressd uninstall``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from . import __version__
+from .config import CommandLine, Config, from_command_line, load
+from .errors import ConfigError, FirewallError
+from .journal import Reporter
+
+DEFAULT_CONFIG = "/etc/egressd/egressd.toml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="egressd",
+        description="Per-user DNS allowlist egress firewall: the restricted users reach only "
+        "the addresses of allowlisted names.",
+    )
+    ap.add_argument("--version", action="version", version=f"egressd {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="install rules and sets, then serve DNS in the foreground")
+    run.add_argument("--config", metavar="FILE", help=f"TOML configuration (e.g. {DEFAULT_CONFIG})")
+    one = run.add_argument_group("one-line form (no config file; one profile named 'default')")
+    one.add_argument("--user", action="append", default=[], metavar="USER|UID",
+                     help="user to restrict (repeatable)")
+    one.add_argument("--allowlist", action="append", default=[], metavar="FILE",
+                     help="allowlist file, one pattern per line (repeatable)")
+    one.add_argument("--allow", action="append", default=[], metavar="PATTERN",
+                     help="an allowlist pattern (repeatable)")
+    one.add_argument("--upstream", action="append", default=[], metavar="IP[:PORT]",
+                     help="upstream resolver (repeatable; default: /etc/resolv.conf)")
+    one.add_argument("--listen", metavar="IP:PORT",
+                     help="listener port (127.0.0.1:PORT and [::1]:PORT; default 153)")
+    one.add_argument("--min-ttl", type=int, metavar="SECONDS",
+                     help="shortest time a resolved address stays allowed (grant floor)")
+    run.add_argument("--log", choices=("auto", "journal", "json"), default="auto",
+                     help="where events go (default: journald if reachable, else JSON on stderr)")
+
+    check = sub.add_parser("check-config", help="validate a configuration and its allowlists")
+    check.add_argument("--config", metavar="FILE", default=DEFAULT_CONFIG)
+
+    sub.add_parser("uninstall", help="remove every rule, chain and set egressd added")
+    return ap
+
+
+def _loader(args: argparse.Namespace) -> Callable[[], Config]:
+    one_line = bool(args.user or args.allowlist or args.allow or args.upstream or args.listen
+                    or args.min_ttl is not None)
+    if args.config and one_line:
+        raise ConfigError("use either --config or the one-line options (--user ...), not both")
+    if args.config:
+        path = args.config
+        return lambda: load(path)
+    cl = CommandLine(users=args.user, allowlists=args.allowlist, allow=args.allow,
+                     upstreams=args.upstream, listen=args.listen, min_ttl=args.min_ttl)
+    return lambda: from_command_line(cl)
+
+
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        print("egressd: needs root (CAP_NET_ADMIN) to manage rules and sets", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check-config":
+        try:
+            config = load(args.config)
+        except ConfigError as err:
+            print(f"egressd: {err}", file=sys.stderr)
+            return 2
+        for p in config.profiles:
+            print(f"profile {p.name}: uids {','.join(map(str, p.uids))}, port {p.port}, "
+                  f"{len(p.rules)} rules")
+        print(f"upstreams: {', '.join(map(str, config.daemon.upstreams))}")
+        return 0
+
+    if args.command == "uninstall":
+        _need_root()
+        from .firewall.iptables_ipset import IptablesIpset
+
+        async def _uninstall() -> None:
+            fw = IptablesIpset()
+            try:
+                await fw.uninstall()
+            finally:
+                await fw.close()
+
+        try:
+            asyncio.run(_uninstall())
+        except FirewallError as err:
+            print(f"egressd: uninstall incomplete: {err}", file=sys.stderr)
+            return 1
+        print("egressd: rules, chains and sets removed")
+        return 0
+
+    # run
+    try:
+        loader = _loader(args)
+        loader()  # fail early with a clear message, before touching the firewall
+    except ConfigError as err:
+        print(f"egressd: {err}", file=sys.stderr)
+        return 2
+    _need_root()
+    try:
+        report = Reporter(use_journal={"auto": None, "journal": True, "json": False}[args.log])
+    except RuntimeError as err:
+        print(f"egressd: {err}", file=sys.stderr)
+        return 2
+    from .daemon import Daemon
+
+    async def _run() -> int:
+        return await Daemon(loader, report).run()
+
+    return asyncio.run(_run())

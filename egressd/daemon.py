@@ -1,0 +1,271 @@
+"""Composition: wire config, firewall, listeners and pipeline; run the lifecycle.
+
+Start: load config -> install sets and rules -> bind listeners -> READY.
+SIGHUP: parse everything, apply, then swap one Policy reference; on any error the old
+policy keeps running. SIGTERM: stop serving, leave rules and sets in place (fail closed).
+Signal handlers only set events; the work happens in tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Callable
+
+from . import __version__, sdnotify
+from .cache import Cache
+from .config import Config
+from .errors import ConfigError, EgressdError, FirewallError
+from .events import Error, Event, Reloaded, ReloadFailed, Repaired, RulesInstalled, Started, Stopping
+from .firewall.iptables_ipset import IptablesIpset, ipv6_available
+from .ledger import Ledger
+from .listener import Listener
+from .pipeline import Pipeline, PolicyRef
+from .policy import Policy
+from .stats import Stats
+from .upstream import UpstreamResolver
+
+UNPRIVILEGED_PORT_START = "/proc/sys/net/ipv4/ip_unprivileged_port_start"
+STOP_GRACE = 2.0  # seconds in-flight queries get to finish on SIGTERM
+PRUNE_INTERVAL = 60.0
+
+
+def check_ports(config: Config, path: str = UNPRIVILEGED_PORT_START) -> None:
+    """Refuse listener ports an unprivileged user could bind while egressd is down.
+
+    Otherwise the agent itself could squat the port between a crash and a restart and
+    answer its own redirected DNS.
+    """
+    try:
+        with open(path) as fh:
+            start = int(fh.read().strip())
+    except (OSError, ValueError):
+        start = 1024
+    for p in config.profiles:
+        if p.port >= start:
+            raise ConfigError(
+                f"port {p.port} can be bound by any user (ip_unprivileged_port_start is "
+                f"{start}); pick a port below {start}",
+                file=config.path, key=f"profiles.{p.name}.port",
+            )
+
+
+class Daemon:
+    def __init__(self, load: Callable[[], Config], report: Callable[[Event], None]) -> None:
+        self.load = load
+        self.report = report
+        self.stats = Stats()
+        self.firewall = IptablesIpset()
+        self.ledger = Ledger()
+        self.listeners: dict[int, Listener] = {}
+        self.ref: PolicyRef | None = None
+        self.pipeline: Pipeline | None = None
+        self._reload = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._stop_reason = "SIGTERM"
+        self.started = time.monotonic()
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        try:
+            config = self.load()
+            check_ports(config)
+        except ConfigError as err:
+            self.report(Error("config", str(err)))
+            return 2
+        policy = Policy(config)
+        try:
+            found = await self.firewall.install(policy)
+        except FirewallError as err:
+            self.report(Error("firewall install", str(err)))
+            return 1
+        now = time.monotonic()
+        for set_name, entries in found.items():
+            self.ledger.load(set_name, entries, now)
+        self._installed(policy)
+
+        self.ref = PolicyRef(policy)
+        self.pipeline = Pipeline(
+            self.ref, self._resolver(config), self.firewall, self.ledger,
+            Cache(config.daemon.cache_entries), self.report, self.stats,
+        )
+        try:
+            await self._sync_listeners(config)
+        except OSError as err:
+            # Rules stay: the agent's DNS finds no listener and fails, it is not let out.
+            self.report(Error("listen", f"cannot bind a listener: {err}"))
+            await self._close_listeners()
+            return 1
+
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+        loop.add_signal_handler(signal.SIGTERM, self._request_stop, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, self._request_stop, "SIGINT")
+
+        listening = [a for lst in self.listeners.values() for a in lst.addresses]
+        self.report(Started(__version__, config.path, tuple(map(str, config.daemon.upstreams)),
+                            tuple(listening)))
+        sdnotify.ready(self._status())
+        tasks = [asyncio.create_task(self._watchdog()), asyncio.create_task(self._maintain())]
+        try:
+            while not self._stop.is_set():
+                reload_wait = asyncio.create_task(self._reload.wait())
+                stop_wait = asyncio.create_task(self._stop.wait())
+                await asyncio.wait([reload_wait, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+                reload_wait.cancel()
+                stop_wait.cancel()
+                if self._reload.is_set() and not self._stop.is_set():
+                    self._reload.clear()
+                    await self.reload()
+        finally:
+            sdnotify.stopping(f"stopping ({self._stop_reason}); rules stay in place")
+            self.report(Stopping(self._stop_reason))
+            for t in tasks:
+                t.cancel()
+            await self._close_listeners(grace=STOP_GRACE)
+            await self.firewall.close()
+        return 0
+
+    def _request_stop(self, reason: str) -> None:
+        self._stop_reason = reason
+        self._stop.set()
+
+    def _resolver(self, config: Config) -> UpstreamResolver:
+        d = config.daemon
+        return UpstreamResolver(d.upstreams, d.upstream_timeout, d.upstream_tries)
+
+    def _installed(self, policy: Policy) -> None:
+        self.report(RulesInstalled(
+            tuple(p.name for p in policy.config.profiles),
+            tuple(f"ipv{f}" for f in self.firewall.families),
+            policy.digest,
+        ))
+
+    def _status(self) -> str:
+        assert self.ref is not None
+        profiles = self.ref.policy.config.profiles
+        return (
+            f"{len(profiles)} profile(s), policy {self.ref.policy.digest}; "
+            f"{self.stats.queries} queries, {self.stats.blocked} blocked"
+        )
+
+    # --- listeners -------------------------------------------------------------------------
+
+    async def _sync_listeners(self, config: Config) -> list[int]:
+        """Bind listeners for new ports; returns the ports that are no longer needed."""
+        assert self.pipeline is not None
+        d = config.daemon
+        wanted = {p.port for p in config.profiles}
+        started: list[int] = []
+        try:
+            for port in sorted(wanted - set(self.listeners)):
+                lst = Listener(
+                    port, self.pipeline.handle, self.stats, max_inflight=d.max_inflight,
+                    tcp_idle_timeout=d.tcp_idle_timeout, tcp_max_connections=d.tcp_max_connections,
+                    ipv6=ipv6_available(),
+                )
+                await lst.start()
+                self.listeners[port] = lst
+                started.append(port)
+        except OSError:
+            for port in started:
+                await self.listeners.pop(port).close()
+            raise
+        for port, lst in self.listeners.items():
+            lst.max_inflight = d.max_inflight
+            lst.tcp_idle_timeout = d.tcp_idle_timeout
+            lst.tcp_max_connections = d.tcp_max_connections
+        return sorted(set(self.listeners) - wanted)
+
+    async def _close_listeners(self, grace: float = 0.0) -> None:
+        await asyncio.gather(*(lst.close(grace) for lst in self.listeners.values()))
+        self.listeners.clear()
+
+    # --- reload ----------------------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """Apply a new configuration, or keep the running one and say why."""
+        assert self.ref is not None and self.pipeline is not None
+        sdnotify.reloading()
+        old = self.ref.policy
+        try:
+            try:
+                config = self.load()
+                check_ports(config)
+                new = Policy(config)
+                resolver = self._resolver(config)
+                had = set(self.listeners)
+                stale = await self._sync_listeners(config)
+            except (EgressdError, OSError, ValueError) as err:
+                self._reload_failed(old, err)
+                return False
+            try:
+                found = await self.firewall.install(new)
+            except FirewallError as err:
+                for port in set(self.listeners) - had:
+                    await self.listeners.pop(port).close()
+                self._reload_failed(old, err)
+                with contextlib.suppress(FirewallError):
+                    await self.firewall.install(old)  # undo a half-applied family
+                return False
+            now = time.monotonic()
+            for set_name, entries in found.items():
+                self.ledger.load(set_name, entries, now)
+            # The swap: queries from here on see the new policy.
+            self.ref.policy = new
+            self.pipeline.resolver = resolver
+            self.pipeline.cache.clear()  # cached chains were checked against the old rules
+            self.pipeline.cache.capacity = config.daemon.cache_entries
+            for port in stale:
+                await self.listeners.pop(port).close(grace=STOP_GRACE)
+            self.stats.reloads += 1
+            self._installed(new)
+            self.report(Reloaded(config.path, new.digest))
+            return True
+        finally:
+            sdnotify.ready(self._status())
+
+    def _reload_failed(self, old: Policy, err: Exception) -> None:
+        self.stats.reload_failures += 1
+        self.report(ReloadFailed(old.config.path, str(err)))
+
+    # --- background ------------------------------------------------------------------------
+
+    async def _watchdog(self) -> None:
+        interval = sdnotify.watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            # Pinged from the event loop itself: a wedged loop stops the pings.
+            sdnotify.watchdog()
+            await asyncio.sleep(interval)
+
+    async def _maintain(self) -> None:
+        """Prune the ledger and check (and repair) the firewall state now and then."""
+        assert self.ref is not None
+        last_verify = last_prune = time.monotonic()
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            if now - last_prune >= PRUNE_INTERVAL:
+                self.ledger.prune(now)
+                last_prune = now
+            interval = self.ref.policy.config.daemon.verify_interval
+            if interval > 0 and now - last_verify >= interval:
+                last_verify = now
+                policy = self.ref.policy
+                try:
+                    problems = await self.firewall.verify(policy)
+                except FirewallError as err:
+                    self.report(Error("firewall verify", str(err)))
+                    continue
+                if problems:
+                    self.stats.repairs += 1
+                    if any(p.startswith("set ") for p in problems):
+                        # A re-created set is empty: grants must be written again.
+                        self.ledger.forget()
+                        self.pipeline.cache.clear() if self.pipeline else None
+                    self.report(Repaired("; ".join(problems)))

@@ -1,0 +1,209 @@
+"""The spine: query -> policy -> cache/upstream -> grants -> firewall.allow -> reply.
+
+``Pipeline.handle`` reads top to bottom; every step is owned by a named module. The one
+invariant that matters most is visible here: addresses reach the agent only after
+``firewall.allow`` has returned (the kernel holds them), and a failed grant is SERVFAIL.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.opcode
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+
+from . import answers, replies
+from .allowlist import labels_of
+from .cache import NEGATIVE_TTL_CAP, Cache, Entry, aged
+from .errors import FirewallError, UpstreamError
+from .events import Event, GrantFailed, QueryBlocked, QueryRefused, UpstreamFailed
+from .ledger import Ledger
+from .policy import Decision, Policy, ProfilePolicy, decide, decide_chain
+from .stats import Stats
+
+
+class Resolver(Protocol):
+    async def resolve(self, qname: dns.name.Name, qtype: int, rd: bool) -> dns.message.Message: ...
+
+
+class Allower(Protocol):
+    async def allow(self, writes: list[object]) -> None: ...
+
+
+@dataclass(slots=True)
+class PolicyRef:
+    """The one mutable reference a reload swaps."""
+
+    policy: Policy
+
+
+class Pipeline:
+    def __init__(
+        self,
+        ref: PolicyRef,
+        resolver: Resolver,
+        firewall: Allower,
+        ledger: Ledger,
+        cache: Cache,
+        report: Callable[[Event], None],
+        stats: Stats | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ref = ref
+        self.resolver = resolver
+        self.firewall = firewall
+        self.ledger = ledger
+        self.cache = cache
+        self.report = report
+        self.stats = stats or Stats()
+        self.clock = clock
+
+    async def handle(self, wire: bytes, port: int, client: str = "") -> dns.message.Message | None:
+        """Answer one client message; None means drop it (malformed, or not a query)."""
+        self.stats.queries += 1
+        query = self._parse(wire)
+        if query is None:
+            return None
+        pp = self.ref.policy.by_port.get(port)
+        if pp is None:  # a listener that a reload is retiring
+            return replies.refused(query, "no profile on this port")
+        problem = _unsupported(query)
+        if problem:
+            self.stats.refused += 1
+            self.report(QueryRefused(pp.profile.name, problem, client))
+            return replies.refused(query, problem)
+
+        question = query.question[0]
+        qname, qtype = question.name, question.rdtype
+        decision = decide(pp.matcher, labels_of(qname))
+        if not decision.allowed:
+            return self._blocked(query, pp, decision, client)
+        return await self._allowed(query, pp, qname, qtype, client)
+
+    def _parse(self, wire: bytes) -> dns.message.Message | None:
+        try:
+            query = dns.message.from_wire(wire)
+        except (dns.exception.DNSException, ValueError, IndexError, UnicodeError):
+            self.stats.malformed += 1
+            return None
+        if query.flags & dns.flags.QR:  # a response sent to us: never act on it
+            self.stats.malformed += 1
+            return None
+        return query
+
+    def _blocked(
+        self, query: dns.message.Message, pp: ProfilePolicy, decision: Decision, client: str,
+        reason: str = "",
+    ) -> dns.message.Message:
+        self.stats.blocked += 1
+        q = query.question[0]
+        self.report(
+            QueryBlocked(
+                profile=pp.profile.name,
+                uids=pp.profile.uids,
+                qname=q.name.to_text(omit_final_dot=True),
+                qtype=dns.rdatatype.to_text(q.rdtype),
+                verdict=decision.verdict.value,
+                rule=decision.source,
+                reason=reason,
+                client=client,
+            )
+        )
+        rcode = dns.rcode.REFUSED if self.ref.policy.config.daemon.blocked_rcode == "refused" else dns.rcode.NXDOMAIN
+        return replies.blocked(query, rcode)
+
+    async def _allowed(
+        self, query: dns.message.Message, pp: ProfilePolicy, qname: dns.name.Name, qtype: int,
+        client: str,
+    ) -> dns.message.Message:
+        key = (labels_of(qname), qtype)
+        now = self.clock()
+        hit = self.cache.get(key, now)
+        if hit is not None:
+            self.stats.cache_hits += 1
+            entry, age = hit.entry, hit.age
+            addrs = [(ip, fam, max(0, ttl - age)) for ip, fam, ttl in entry.addresses]
+        else:
+            try:
+                response = await self.resolver.resolve(qname, qtype, bool(query.flags & dns.flags.RD))
+            except UpstreamError as err:
+                self.stats.servfail_upstream += 1
+                self.report(UpstreamFailed(pp.profile.name, qname.to_text(), str(err)))
+                return replies.servfail(query, "upstream failed")
+            ans = answers.extract(response, qname)
+            deny = decide_chain(pp.matcher, (labels_of(n) for n in ans.chain[1:]))
+            if deny is not None:
+                return self._blocked(query, pp, deny, client, reason="CNAME target denied")
+            entry = _entry(response, ans, now, self.ref.policy.config.grants.ceiling)
+            self.cache.put(key, entry)
+            age = 0
+            addrs = list(entry.addresses)
+
+        # Allow before reply: the addresses are in the kernel set before the agent sees them.
+        try:
+            await self._grant(pp, addrs, qname)
+        except FirewallError as err:
+            self.stats.servfail_grant += 1
+            self.report(GrantFailed(pp.profile.name, qname.to_text(), str(err)))
+            return replies.servfail(query, "could not allow the answer's addresses")
+        self.stats.allowed += 1
+        return replies.answer(query, entry.rcode, aged(entry.answer, age), aged(entry.authority, age))
+
+    async def _grant(self, pp: ProfilePolicy, addrs: list[tuple[str, int, int]], qname: dns.name.Name) -> None:
+        if not addrs:
+            return
+        p = pp.profile
+        settings = self.ref.policy.config.grants
+        now = self.clock()
+        plan = self.ledger.plan(
+            ((p.set4 if fam == 4 else p.set6, fam, ip, ttl) for ip, fam, ttl in addrs),
+            settings, now,
+        )
+        self.stats.grant_skips += len(addrs) - len(plan)
+        if not plan:
+            return
+        await self.firewall.allow(plan)  # type: ignore[arg-type]
+        self.stats.grant_writes += len(plan)
+        self.ledger.commit(plan, now, qname.to_text(omit_final_dot=True).lower())
+
+
+def _unsupported(query: dns.message.Message) -> str:
+    if query.opcode() != dns.opcode.QUERY:
+        return f"opcode {dns.opcode.to_text(query.opcode())} not supported"
+    if len(query.question) != 1:
+        return f"{len(query.question)} questions (exactly one is supported)"
+    if query.question[0].rdclass != dns.rdataclass.IN:
+        return f"class {dns.rdataclass.to_text(query.question[0].rdclass)} not supported"
+    if query.question[0].rdtype in (dns.rdatatype.AXFR, dns.rdatatype.IXFR):
+        return "zone transfers are not supported"
+    return ""
+
+
+def _entry(response: dns.message.Message, ans: answers.Answer, now: float, ceiling: int) -> Entry:
+    rcode = response.rcode()
+    if ans.rrsets:
+        ttl = min(ans.min_ttl or 0, ceiling)
+    else:
+        # Negative answer: the SOA's TTL/minimum bounds how long it may be cached (RFC 2308).
+        soas = [r for r in response.authority if r.rdtype == dns.rdatatype.SOA]
+        ttl = min((min(r.ttl, r[0].minimum) for r in soas if len(r)), default=0)  # type: ignore[attr-defined]
+        ttl = min(ttl, NEGATIVE_TTL_CAP)
+    if rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+        ttl = 0  # never cache failures
+    return Entry(
+        rcode=rcode,
+        answer=ans.rrsets,
+        authority=tuple(r for r in response.authority if r.rdtype == dns.rdatatype.SOA),
+        addresses=tuple((a.ip, a.family, a.ttl) for a in ans.addresses),
+        stored=now,
+        ttl=ttl,
+    )

@@ -1,0 +1,26 @@
+"""Counters of what egressd did (read by status/metrics later, and by tests)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(slots=True)
+class Stats:
+    queries: int = 0
+    allowed: int = 0
+    blocked: int = 0
+    refused: int = 0
+    malformed: int = 0
+    dropped_busy: int = 0
+    servfail_upstream: int = 0
+    servfail_grant: int = 0
+    cache_hits: int = 0
+    grant_writes: int = 0
+    grant_skips: int = 0
+    repairs: int = 0
+    reloads: int = 0
+    reload_failures: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)

@@ -1,0 +1,415 @@
+"""The "AI agent" side of the integration lab.
+
+Runs as the unprivileged agent uid inside the lab's host namespace, as
+``/usr/bin/python3 -I -c <this source> COMMAND ARGS...`` — stdlib only, and it
+must not need to read any file (the agent uid cannot read /root or pytest's
+temp dirs).  Prints exactly one JSON object on stdout.
+
+Commands (optional ``--key=value`` flags may appear anywhere):
+  resolve NAME [4|6|any]
+  dnsq SERVER PORT NAME TYPE udp|tcp [--edns] [--do] [--opt=CODE:HEX]... [--timeout=S]
+  dnsraw SERVER PORT HEX udp|tcp [--timeout=S]
+  connect IP PORT [TIMEOUT]
+  hold IP PORT SECONDS [TIMEOUT]
+  udp IP PORT [TIMEOUT]
+  many JSON_LIST|- [--port=80] [--timeout=3] [--workers=16] [--family=4|6]
+
+Failures are reported as {"ok": false, "error": KIND, "errno": N|None,
+"errname": "ECONNREFUSED"|None, "text": str(exc), "elapsed": s} with KIND one
+of refused / reset / timeout / unreachable / other.  A locally dropped packet
+(iptables OUTPUT DROP) shows up as errname EPERM with kind "other".
+"""
+
+import concurrent.futures
+import errno
+import json
+import os
+import random
+import socket
+import struct
+import sys
+import time
+
+TYPES = {
+    "A": 1, "NS": 2, "CNAME": 5, "SOA": 6, "PTR": 12, "MX": 15, "TXT": 16, "AAAA": 28,
+    "SRV": 33, "OPT": 41, "SVCB": 64, "HTTPS": 65, "ANY": 255,
+}
+TYPE_NAMES = {v: k for k, v in TYPES.items()}
+RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED",
+          16: "BADVERS"}
+
+KIND_BY_ERRNO = {
+    errno.ECONNREFUSED: "refused",
+    errno.ECONNRESET: "reset",
+    errno.EPIPE: "reset",
+    errno.ECONNABORTED: "reset",
+    errno.ETIMEDOUT: "timeout",
+    errno.EHOSTUNREACH: "unreachable",
+    errno.ENETUNREACH: "unreachable",
+    errno.EACCES: "unreachable",  # ICMPv6 "administratively prohibited"
+}
+
+
+def error(exc, start, **extra):
+    if isinstance(exc, (socket.timeout, TimeoutError)) and not getattr(exc, "errno", None):
+        kind, num = "timeout", None
+    else:
+        num = getattr(exc, "errno", None)
+        kind = KIND_BY_ERRNO.get(num, "other")
+    out = {
+        "ok": False,
+        "error": kind,
+        "errno": num,
+        "errname": errno.errorcode.get(num) if num else None,
+        "text": "%s: %s" % (type(exc).__name__, exc),
+        "elapsed": round(time.monotonic() - start, 4),
+    }
+    out.update(extra)
+    return out
+
+
+def split_flags(argv):
+    pos, flags = [], {}
+    for a in argv:
+        if a.startswith("--"):
+            k, _, v = a[2:].partition("=")
+            flags.setdefault(k, []).append(v)
+        else:
+            pos.append(a)
+    return pos, flags
+
+
+def flag(flags, name, default):
+    return flags[name][-1] if name in flags else default
+
+
+def family_of(ip):
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
+# --------------------------------------------------------------------------- resolve
+
+GAI_NAMES = {getattr(socket, n): n for n in dir(socket) if n.startswith("EAI_")}
+
+
+def cmd_resolve(name, fam="any"):
+    family = {"4": socket.AF_INET, "inet": socket.AF_INET, "6": socket.AF_INET6,
+              "inet6": socket.AF_INET6, "any": socket.AF_UNSPEC}[fam]
+    start = time.monotonic()
+    try:
+        infos = socket.getaddrinfo(name, None, family, socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        return {"ok": False, "addrs": [], "gaierror": GAI_NAMES.get(exc.errno, str(exc.errno)),
+                "errno": exc.errno, "text": str(exc),
+                "elapsed": round(time.monotonic() - start, 4)}
+    addrs = []
+    for info in infos:
+        if info[4][0] not in addrs:
+            addrs.append(info[4][0])
+    return {"ok": bool(addrs), "addrs": addrs, "gaierror": None,
+            "elapsed": round(time.monotonic() - start, 4)}
+
+
+# --------------------------------------------------------------------------- DNS wire
+
+
+def encode_name(name):
+    out = b""
+    for label in name.rstrip(".").split("."):
+        if label:
+            raw = label.encode("idna" if not label.isascii() else "ascii")
+            out += bytes([len(raw)]) + raw
+    return out + b"\0"
+
+
+def build_query(name, qtype, edns=False, do=False, options=()):
+    qid = random.randint(0, 0xFFFF)
+    qt = TYPES[qtype.upper()] if not qtype.isdigit() else int(qtype)
+    arcount = 1 if (edns or do or options) else 0
+    msg = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, arcount)  # RD=1
+    msg += encode_name(name) + struct.pack("!HH", qt, 1)
+    if arcount:
+        rdata = b"".join(struct.pack("!HH", c, len(d)) + d for c, d in options)
+        msg += b"\0" + struct.pack("!HHIH", 41, 1232, 0x8000 if do else 0, len(rdata)) + rdata
+    return qid, msg
+
+
+def decode_name(msg, off):
+    labels, jumped, end, hops = [], False, off, 0
+    while True:
+        n = msg[off]
+        if n & 0xC0 == 0xC0:
+            ptr = struct.unpack("!H", msg[off:off + 2])[0] & 0x3FFF
+            if not jumped:
+                end = off + 2
+            jumped, off, hops = True, ptr, hops + 1
+            if hops > 64:
+                raise ValueError("compression loop")
+            continue
+        off += 1
+        if n == 0:
+            break
+        labels.append(msg[off:off + n].decode("ascii", "replace"))
+        off += n
+    return ".".join(labels) + ".", (end if jumped else off)
+
+
+def decode_rdata(msg, rtype, off, rdlen):
+    rd = msg[off:off + rdlen]
+    if rtype == 1 and rdlen == 4:
+        return socket.inet_ntop(socket.AF_INET, rd)
+    if rtype == 28 and rdlen == 16:
+        return socket.inet_ntop(socket.AF_INET6, rd)
+    if rtype in (2, 5, 12, 39):
+        return decode_name(msg, off)[0]
+    if rtype == 15:
+        return "%d %s" % (struct.unpack("!H", rd[:2])[0], decode_name(msg, off + 2)[0])
+    if rtype == 16:
+        parts, i = [], 0
+        while i < len(rd):
+            parts.append(rd[i + 1:i + 1 + rd[i]].decode("utf-8", "replace"))
+            i += 1 + rd[i]
+        return "".join(parts)
+    if rtype == 6:
+        mname, o = decode_name(msg, off)
+        rname, o = decode_name(msg, o)
+        nums = struct.unpack("!IIIII", msg[o:o + 20])
+        return " ".join([mname, rname] + [str(x) for x in nums])
+    return rd.hex()
+
+
+def parse_response(msg):
+    qid, flags, qd, an, ns, ar = struct.unpack("!HHHHHH", msg[:12])
+    off = 12
+    questions = []
+    for _ in range(qd):
+        name, off = decode_name(msg, off)
+        qt, _qc = struct.unpack("!HH", msg[off:off + 4])
+        off += 4
+        questions.append([name, TYPE_NAMES.get(qt, "TYPE%d" % qt)])
+    sections = {"answers": [], "authority": [], "additional": []}
+    edns = None
+    for sect, count in (("answers", an), ("authority", ns), ("additional", ar)):
+        for _ in range(count):
+            name, off = decode_name(msg, off)
+            rtype, rclass, ttl, rdlen = struct.unpack("!HHIH", msg[off:off + 10])
+            off += 10
+            if rtype == 41:
+                opts, i, rd = [], 0, msg[off:off + rdlen]
+                while i + 4 <= len(rd):
+                    code, olen = struct.unpack("!HH", rd[i:i + 4])
+                    opts.append((code, rd[i + 4:i + 4 + olen]))
+                    i += 4 + olen
+                edns = {"udp_size": rclass, "ext_rcode": ttl >> 24, "version": (ttl >> 16) & 0xFF,
+                        "do": bool(ttl & 0x8000), "options": opts}
+            else:
+                sections[sect].append([name, TYPE_NAMES.get(rtype, "TYPE%d" % rtype),
+                                       decode_rdata(msg, rtype, off, rdlen), ttl])
+            off += rdlen
+    rcode = (flags & 0xF) | ((edns["ext_rcode"] << 4) if edns else 0)
+    ede = []
+    if edns:
+        for code, data in edns["options"]:
+            if code == 15 and len(data) >= 2:  # RFC 8914 Extended DNS Error
+                ede.append([struct.unpack("!H", data[:2])[0], data[2:].decode("utf-8", "replace")])
+    out = {
+        "id": qid,
+        "rcode": RCODES.get(rcode, "RCODE%d" % rcode),
+        "rcode_num": rcode,
+        "qr": bool(flags & 0x8000), "aa": bool(flags & 0x0400), "tc": bool(flags & 0x0200),
+        "rd": bool(flags & 0x0100), "ra": bool(flags & 0x0080),
+        "questions": questions,
+        "ede": ede,
+        "edns": None,
+    }
+    out.update(sections)
+    if edns:
+        out["edns"] = {"udp_size": edns["udp_size"], "version": edns["version"], "do": edns["do"],
+                       "options": [[c, d.hex()] for c, d in edns["options"]]}
+    return out
+
+
+def exchange(server, port, wire, proto, timeout):
+    """Send one DNS message, return the raw response (raises OSError/timeout)."""
+    fam = family_of(server)
+    if proto == "udp":
+        with socket.socket(fam, socket.SOCK_DGRAM) as s:
+            s.settimeout(timeout)
+            s.connect((server, port))  # connected: ICMP errors surface as exceptions
+            s.send(wire)
+            return s.recv(65535)
+    with socket.create_connection((server, port), timeout=timeout) as s:
+        s.sendall(struct.pack("!H", len(wire)) + wire)
+        hdr = recv_exact(s, 2)
+        return recv_exact(s, struct.unpack("!H", hdr)[0])
+
+
+def recv_exact(s, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionResetError(errno.ECONNRESET, "connection closed mid-message")
+        buf += chunk
+    return buf
+
+
+def cmd_dnsq(server, port, name, qtype, proto, flags):
+    timeout = float(flag(flags, "timeout", "5"))
+    options = []
+    for o in flags.get("opt", []):
+        code, _, hexdata = o.partition(":")
+        options.append((int(code), bytes.fromhex(hexdata)))
+    qid, wire = build_query(name, qtype, "edns" in flags, "do" in flags, options)
+    start = time.monotonic()
+    try:
+        resp = exchange(server, int(port), wire, proto, timeout)
+    except (OSError, socket.timeout) as exc:
+        return error(exc, start, transport=proto)
+    elapsed = round(time.monotonic() - start, 4)
+    try:
+        out = parse_response(resp)
+    except Exception as exc:  # noqa: BLE001 - report garbage instead of crashing
+        return {"ok": False, "error": "other", "errno": None, "errname": None,
+                "text": "unparsable response: %r" % exc, "response_hex": resp.hex(),
+                "elapsed": elapsed}
+    out.update(ok=True, id_match=out["id"] == qid, transport=proto, elapsed=elapsed)
+    return out
+
+
+def cmd_dnsraw(server, port, hexwire, proto, flags):
+    timeout = float(flag(flags, "timeout", "5"))
+    start = time.monotonic()
+    try:
+        resp = exchange(server, int(port), bytes.fromhex(hexwire), proto, timeout)
+    except (OSError, socket.timeout) as exc:
+        return error(exc, start, transport=proto)
+    out = {"ok": True, "response_hex": resp.hex(), "elapsed": round(time.monotonic() - start, 4),
+           "rcode": None, "rcode_num": None, "tc": None}
+    if len(resp) >= 12:
+        fl = struct.unpack("!H", resp[2:4])[0]
+        out.update(rcode=RCODES.get(fl & 0xF, "RCODE%d" % (fl & 0xF)), rcode_num=fl & 0xF,
+                   tc=bool(fl & 0x0200), id=struct.unpack("!H", resp[:2])[0])
+    return out
+
+
+# --------------------------------------------------------------------------- TCP / UDP
+
+
+def readline(s, limit=4096):
+    buf = b""
+    while not buf.endswith(b"\n") and len(buf) < limit:
+        chunk = s.recv(1)
+        if not chunk:
+            raise ConnectionResetError(errno.ECONNRESET, "peer closed before echo")
+        buf += chunk
+    return buf
+
+
+def cmd_connect(ip, port, timeout="5"):
+    start = time.monotonic()
+    try:
+        with socket.create_connection((ip, int(port)), timeout=float(timeout)) as s:
+            connected = round(time.monotonic() - start, 4)
+            s.sendall(b"ping\n")
+            echo = readline(s)
+    except (OSError, socket.timeout) as exc:
+        return error(exc, start)
+    return {"ok": echo == b"ping\n", "echo": echo.decode("utf-8", "replace"),
+            "connect_elapsed": connected, "elapsed": round(time.monotonic() - start, 4)}
+
+
+def cmd_hold(ip, port, seconds, timeout="5"):
+    start = time.monotonic()
+    stage = "connect"
+    try:
+        with socket.create_connection((ip, int(port)), timeout=float(timeout)) as s:
+            stage = "ping1"
+            s.sendall(b"ping1\n")
+            if readline(s) != b"ping1\n":
+                raise OSError("bad echo for ping1")
+            time.sleep(float(seconds))
+            stage = "ping2"
+            s.sendall(b"ping2\n")
+            if readline(s) != b"ping2\n":
+                raise OSError("bad echo for ping2")
+    except (OSError, socket.timeout) as exc:
+        return error(exc, start, stage=stage)
+    return {"ok": True, "stage": "done", "elapsed": round(time.monotonic() - start, 4)}
+
+
+def cmd_udp(ip, port, timeout="3"):
+    start = time.monotonic()
+    payload = b"udp-ping-%d" % random.randint(0, 1 << 30)
+    try:
+        with socket.socket(family_of(ip), socket.SOCK_DGRAM) as s:
+            s.settimeout(float(timeout))
+            s.connect((ip, int(port)))
+            s.send(payload)
+            data = s.recv(65535)
+    except (OSError, socket.timeout) as exc:
+        return error(exc, start)
+    return {"ok": data == payload, "elapsed": round(time.monotonic() - start, 4)}
+
+
+# --------------------------------------------------------------------------- many
+
+
+def one_of_many(name, port, timeout, family):
+    start = time.monotonic()
+    res = cmd_resolve(name, family)
+    out = {"name": name, "resolve_ok": res["ok"], "addrs": res["addrs"],
+           "gaierror": res.get("gaierror"), "resolve_elapsed": res["elapsed"]}
+    if not res["ok"]:
+        out.update(ok=False, connect=None, elapsed=round(time.monotonic() - start, 4))
+        return out
+    # Connect immediately: this is the race egressd must win (ipset filled
+    # before the DNS answer is released to the agent).
+    conn = cmd_connect(res["addrs"][0], port, timeout)
+    out.update(ok=conn["ok"], connect=conn, elapsed=round(time.monotonic() - start, 4))
+    return out
+
+
+def cmd_many(source, flags):
+    names = json.loads(sys.stdin.read() if source == "-" else source)
+    port = flag(flags, "port", "80")
+    timeout = flag(flags, "timeout", "3")
+    workers = int(flag(flags, "workers", "16"))
+    family = flag(flags, "family", "4")
+    start = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(lambda n: one_of_many(n, port, timeout, family), names))
+    n_ok = sum(1 for r in results if r["ok"])
+    return {"ok": n_ok == len(results), "n_ok": n_ok, "n_fail": len(results) - n_ok,
+            "results": results, "elapsed": round(time.monotonic() - start, 4)}
+
+
+def main(argv):
+    pos, flags = split_flags(argv)
+    if not pos:
+        raise SystemExit("usage: agent COMMAND ARGS...")
+    cmd, args = pos[0], pos[1:]
+    if cmd == "resolve":
+        out = cmd_resolve(*args)
+    elif cmd == "dnsq":
+        out = cmd_dnsq(*args, flags=flags)
+    elif cmd == "dnsraw":
+        out = cmd_dnsraw(*args, flags=flags)
+    elif cmd == "connect":
+        out = cmd_connect(*args)
+    elif cmd == "hold":
+        out = cmd_hold(*args)
+    elif cmd == "udp":
+        out = cmd_udp(*args)
+    elif cmd == "many":
+        out = cmd_many(args[0], flags)
+    elif cmd == "whoami":
+        out = {"ok": True, "uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(),
+               "euid": os.geteuid()}
+    else:
+        raise SystemExit("unknown command %r" % cmd)
+    sys.stdout.write(json.dumps(out) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
