@@ -233,52 +233,51 @@ def family_of(addr: str) -> socket.AddressFamily:
 def serve_dns(args: argparse.Namespace) -> list[socketserver.BaseServer]:
     log = JsonLog(args.log)
     logic = DnsLogic(Records(args.records) if args.records else None, args.rogue_a, log)
-    servers: list[socketserver.BaseServer] = []
+    return [srv for addr in args.listen for srv in _dns_servers(addr, args.port, logic)]
 
-    for addr in args.listen:
-        fam = family_of(addr)
 
-        class Udp(socketserver.ThreadingUDPServer):
-            address_family = fam
-            allow_reuse_address = True
-            daemon_threads = True
+def _dns_servers(addr: str, port: int, logic: DnsLogic) -> list[socketserver.BaseServer]:
+    """UDP+TCP servers for one address (a function, so handlers close over *this* addr)."""
+    fam = family_of(addr)
+    dst = addr
 
-        class Tcp(socketserver.ThreadingTCPServer):
-            address_family = fam
-            allow_reuse_address = True
-            daemon_threads = True
+    class Udp(socketserver.ThreadingUDPServer):
+        address_family = fam
+        allow_reuse_address = True
+        daemon_threads = True
 
-        dst = addr
+    class Tcp(socketserver.ThreadingTCPServer):
+        address_family = fam
+        allow_reuse_address = True
+        daemon_threads = True
 
-        class UdpHandler(socketserver.BaseRequestHandler):
-            def handle(self) -> None:
-                data, sock = self.request
-                out = logic.handle(data, "udp", self.client_address, dst)
-                if out is not None:
-                    sock.sendto(out, self.client_address)
+    class UdpHandler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            data, sock = self.request
+            out = logic.handle(data, "udp", self.client_address, dst)
+            if out is not None:
+                sock.sendto(out, self.client_address)
 
-        class TcpHandler(socketserver.BaseRequestHandler):
-            def handle(self) -> None:
-                conn: socket.socket = self.request
-                conn.settimeout(15)
-                try:
-                    while True:  # several queries per connection are allowed
-                        hdr = _recv_exact(conn, 2)
-                        if hdr is None:
-                            return
-                        msg = _recv_exact(conn, struct.unpack("!H", hdr)[0])
-                        if msg is None:
-                            return
-                        out = logic.handle(msg, "tcp", self.client_address, dst)
-                        if out is None:
-                            return
-                        conn.sendall(struct.pack("!H", len(out)) + out)
-                except OSError:
-                    return
+    class TcpHandler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            conn: socket.socket = self.request
+            conn.settimeout(15)
+            try:
+                while True:  # several queries per connection are allowed
+                    hdr = _recv_exact(conn, 2)
+                    if hdr is None:
+                        return
+                    msg = _recv_exact(conn, struct.unpack("!H", hdr)[0])
+                    if msg is None:
+                        return
+                    out = logic.handle(msg, "tcp", self.client_address, dst)
+                    if out is None:
+                        return
+                    conn.sendall(struct.pack("!H", len(out)) + out)
+            except OSError:
+                return
 
-        servers.append(Udp((addr, args.port), UdpHandler))
-        servers.append(Tcp((addr, args.port), TcpHandler))
-    return servers
+    return [Udp((addr, port), UdpHandler), Tcp((addr, port), TcpHandler)]
 
 
 def _recv_exact(conn: socket.socket, n: int) -> bytes | None:
@@ -294,6 +293,7 @@ def _recv_exact(conn: socket.socket, n: int) -> bytes | None:
 # --------------------------------------------------------------------------- echo
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 
 
 def serve_echo(args: argparse.Namespace) -> list[threading.Thread]:
@@ -314,6 +314,9 @@ def serve_echo(args: argparse.Namespace) -> list[threading.Thread]:
         s6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
         s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+        # IPv6 refuses an IPV6_PKTINFO source that is only "local" through the AnyIP
+        # route (EINVAL) unless the socket is freebind.
+        s6.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
         s6.bind(("::", port))
         for s in (s4, s6):
             threads.append(threading.Thread(target=_udp_loop, args=(s, log), daemon=True))
@@ -363,8 +366,8 @@ def _udp_loop(s: socket.socket, log: JsonLog) -> None:
                         socket.inet_pton(socket.AF_INET6, dst) + struct.pack("=I", 0))]
         try:
             s.sendmsg([data], anc_out, 0, peer)
-        except OSError:
-            pass
+        except OSError as exc:
+            print(f"udp echo reply to {peer} failed: {exc!r}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- main
