@@ -13,6 +13,7 @@ Commands (optional ``--key=value`` flags may appear anywhere):
   hold IP PORT SECONDS [TIMEOUT]
   udp IP PORT [TIMEOUT]
   many JSON_LIST|- [--port=80] [--timeout=3] [--workers=16] [--family=4|6]
+  whoami
 
 Failures are reported as {"ok": false, "error": KIND, "errno": N|None,
 "errname": "ECONNREFUSED"|None, "text": str(exc), "elapsed": s} with KIND one
@@ -404,8 +405,11 @@ def main(argv):
     elif cmd == "many":
         out = cmd_many(args[0], flags)
     elif cmd == "whoami":
+        with open("/proc/self/status") as fh:
+            caps = dict(line.split(":\t", 1) for line in fh if line.startswith("Cap"))
         out = {"ok": True, "uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(),
-               "euid": os.geteuid()}
+               "euid": os.geteuid(), "capeff": caps["CapEff"].strip(),
+               "capprm": caps["CapPrm"].strip()}
     else:
         raise SystemExit("unknown command %r" % cmd)
     sys.stdout.write(json.dumps(out) + "\n")

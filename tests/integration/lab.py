@@ -58,6 +58,9 @@ IFNAME = "eth0"
 
 Records = Mapping[str, Any]
 
+# Every namespace name any Lab of this process created (for leak checks).
+CREATED_NAMESPACES: list[str] = []
+
 
 class LabError(RuntimeError):
     pass
@@ -517,6 +520,7 @@ class Lab:
         for ns in (self.inet, self.host):
             run(["ip", "netns", "add", ns])
             self._namespaces.append(ns)
+            CREATED_NAMESPACES.append(ns)
             run(["ip", "-n", ns, "link", "set", "lo", "up"])
             # No DAD anywhere: v6 addresses (incl. link-local) are usable at once.
             for key in ("all", "default"):

@@ -1,0 +1,71 @@
+#!/bin/sh
+# Install egressd from this checkout on a Debian/Ubuntu host and start it restricting USER.
+#
+#   sudo packaging/install.sh --user agent [--create-user] [--no-start]
+#
+# Installs the Debian packages it needs, a venv in /opt/egressd, /usr/local/sbin/egressd,
+# /etc/egressd (kept if it exists), the systemd unit, and starts the service.
+set -eu
+
+usage() { echo "usage: $0 --user USER [--create-user] [--no-start]" >&2; exit 2; }
+USER_NAME=""; CREATE=0; START=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --user) [ $# -ge 2 ] || usage; USER_NAME=$2; shift 2 ;;
+    --create-user) CREATE=1; shift ;;
+    --no-start) START=0; shift ;;
+    *) usage ;;
+  esac
+done
+[ -n "$USER_NAME" ] || usage
+[ "$(id -u)" = 0 ] || { echo "install.sh: run as root" >&2; exit 1; }
+SRC=$(cd "$(dirname "$0")/.." && pwd)
+PREFIX=/opt/egressd
+
+if ! id -u "$USER_NAME" >/dev/null 2>&1; then
+  if [ "$CREATE" = 1 ]; then
+    useradd --create-home --shell /bin/bash "$USER_NAME"
+    echo "install.sh: created user $USER_NAME"
+  else
+    echo "install.sh: no user '$USER_NAME' (add --create-user to create it)" >&2; exit 1
+  fi
+fi
+[ "$(id -u "$USER_NAME")" != 0 ] || { echo "install.sh: refusing to restrict root" >&2; exit 1; }
+
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq iptables ipset conntrack python3 python3-venv python3-dev \
+  gcc pkg-config libsystemd-dev >/dev/null
+
+python3 -m venv "$PREFIX"
+"$PREFIX/bin/pip" install -q --upgrade pip
+"$PREFIX/bin/pip" install -q "$SRC[systemd]"
+ln -sf "$PREFIX/bin/egressd" /usr/local/sbin/egressd
+
+if [ ! -e /etc/egressd/egressd.toml ]; then
+  mkdir -p /etc/egressd
+  cp -r "$SRC/etc/egressd/." /etc/egressd/
+  sed -i "s/^users = \[\"agent\"\]/users = [\"$USER_NAME\"]/" /etc/egressd/egressd.toml
+else
+  echo "install.sh: keeping the existing /etc/egressd/egressd.toml"
+fi
+egressd check-config --config /etc/egressd/egressd.toml
+
+install -m 0644 "$SRC/systemd/egressd.service" /etc/systemd/system/egressd.service
+[ "$START" = 1 ] || exit 0
+
+if [ -d /run/systemd/system ]; then
+  systemctl daemon-reload
+  systemctl enable egressd.service
+  systemctl restart egressd.service
+  systemctl is-active --quiet egressd.service
+  echo "install.sh: egressd is running; $USER_NAME is restricted. Follow it with: journalctl -u egressd -f"
+else
+  # No systemd as PID 1 (a container): run it in the background, events to a log file.
+  setsid /usr/local/sbin/egressd run --config /etc/egressd/egressd.toml --log json \
+    >>/var/log/egressd.log 2>&1 < /dev/null &
+  echo $! > /run/egressd.pid
+  sleep 2
+  kill -0 "$(cat /run/egressd.pid)" || { tail -n 20 /var/log/egressd.log >&2; exit 1; }
+  echo "install.sh: systemd is not running here; egressd runs as pid $(cat /run/egressd.pid), log in /var/log/egressd.log"
+fi
