@@ -55,10 +55,10 @@ def extract(response: dns.message.Message, qname: dns.name.Name) -> Answer:
         for rrset in by_name.get(current, ()):
             kept.append(rrset)
             if rrset.rdtype == dns.rdatatype.CNAME and target is None and len(rrset) > 0:
-                target = rrset[0].target  # type: ignore[attr-defined]
+                target = rrset[0].target
             elif rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
                 family = 4 if rrset.rdtype == dns.rdatatype.A else 6
-                addresses.extend(Address(rd.address, rrset.ttl, family) for rd in rrset)  # type: ignore[attr-defined]
+                addresses.extend(Address(rd.address, rrset.ttl, family) for rd in rrset)
         if target is None or target in seen or len(chain) > MAX_CHAIN:
             break
         seen.add(target)

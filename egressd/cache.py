@@ -74,7 +74,7 @@ def aged(rrsets: tuple[dns.rrset.RRset, ...], age: int) -> list[dns.rrset.RRset]
     """Copies of cached rrsets with their TTLs lowered by ``age`` seconds."""
     out = []
     for rrset in rrsets:
-        copy = rrset.copy()
+        copy = rrset.copy()  # type: ignore[no-untyped-call]
         copy.ttl = max(0, rrset.ttl - age)
         out.append(copy)
     return out

@@ -28,20 +28,51 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="install rules and sets, then serve DNS in the foreground")
     run.add_argument("--config", metavar="FILE", help=f"TOML configuration (e.g. {DEFAULT_CONFIG})")
     one = run.add_argument_group("one-line form (no config file; one profile named 'default')")
-    one.add_argument("--user", action="append", default=[], metavar="USER|UID",
-                     help="user to restrict (repeatable)")
-    one.add_argument("--allowlist", action="append", default=[], metavar="FILE",
-                     help="allowlist file, one pattern per line (repeatable)")
-    one.add_argument("--allow", action="append", default=[], metavar="PATTERN",
-                     help="an allowlist pattern (repeatable)")
-    one.add_argument("--upstream", action="append", default=[], metavar="IP[:PORT]",
-                     help="upstream resolver (repeatable; default: /etc/resolv.conf)")
-    one.add_argument("--listen", metavar="IP:PORT",
-                     help="listener port (127.0.0.1:PORT and [::1]:PORT; default 153)")
-    one.add_argument("--min-ttl", type=int, metavar="SECONDS",
-                     help="shortest time a resolved address stays allowed (grant floor)")
-    run.add_argument("--log", choices=("auto", "journal", "json"), default="auto",
-                     help="where events go (default: journald if reachable, else JSON on stderr)")
+    one.add_argument(
+        "--user",
+        action="append",
+        default=[],
+        metavar="USER|UID",
+        help="user to restrict (repeatable)",
+    )
+    one.add_argument(
+        "--allowlist",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="allowlist file, one pattern per line (repeatable)",
+    )
+    one.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="an allowlist pattern (repeatable)",
+    )
+    one.add_argument(
+        "--upstream",
+        action="append",
+        default=[],
+        metavar="IP[:PORT]",
+        help="upstream resolver (repeatable; default: /etc/resolv.conf)",
+    )
+    one.add_argument(
+        "--listen",
+        metavar="IP:PORT",
+        help="listener port (127.0.0.1:PORT and [::1]:PORT; default 153)",
+    )
+    one.add_argument(
+        "--min-ttl",
+        type=int,
+        metavar="SECONDS",
+        help="shortest time a resolved address stays allowed (grant floor)",
+    )
+    run.add_argument(
+        "--log",
+        choices=("auto", "journal", "json"),
+        default="auto",
+        help="where events go (default: journald if reachable, else JSON on stderr)",
+    )
 
     check = sub.add_parser("check-config", help="validate a configuration and its allowlists")
     check.add_argument("--config", metavar="FILE", default=DEFAULT_CONFIG)
@@ -51,15 +82,27 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _loader(args: argparse.Namespace) -> Callable[[], Config]:
-    one_line = bool(args.user or args.allowlist or args.allow or args.upstream or args.listen
-                    or args.min_ttl is not None)
+    one_line = bool(
+        args.user
+        or args.allowlist
+        or args.allow
+        or args.upstream
+        or args.listen
+        or args.min_ttl is not None
+    )
     if args.config and one_line:
         raise ConfigError("use either --config or the one-line options (--user ...), not both")
     if args.config:
         path = args.config
         return lambda: load(path)
-    cl = CommandLine(users=args.user, allowlists=args.allowlist, allow=args.allow,
-                     upstreams=args.upstream, listen=args.listen, min_ttl=args.min_ttl)
+    cl = CommandLine(
+        users=args.user,
+        allowlists=args.allowlist,
+        allow=args.allow,
+        upstreams=args.upstream,
+        listen=args.listen,
+        min_ttl=args.min_ttl,
+    )
     return lambda: from_command_line(cl)
 
 
@@ -78,8 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"egressd: {err}", file=sys.stderr)
             return 2
         for p in config.profiles:
-            print(f"profile {p.name}: uids {','.join(map(str, p.uids))}, port {p.port}, "
-                  f"{len(p.rules)} rules")
+            print(
+                f"profile {p.name}: uids {','.join(map(str, p.uids))}, port {p.port}, "
+                f"{len(p.rules)} rules"
+            )
         print(f"upstreams: {', '.join(map(str, config.daemon.upstreams))}")
         return 0
 

@@ -123,8 +123,10 @@ def _locate(text: str, table: str, key: str | None) -> int | None:
             if current == table:
                 header_line = lineno
             continue
-        if current == table and key is not None and re.match(
-            rf"^\s*\"?{re.escape(key)}\"?\s*=", line
+        if (
+            current == table
+            and key is not None
+            and re.match(rf"^\s*\"?{re.escape(key)}\"?\s*=", line)
         ):
             return lineno
     return header_line
@@ -207,9 +209,7 @@ def _check_not_self(upstreams: Sequence[Upstream], ports: set[int]) -> None:
     for u in upstreams:
         addr = ipaddress.ip_address(u.address)
         if addr.is_loopback and u.port in ports:
-            raise ValueError(
-                f"upstream {u} is egressd's own listener; egressd would query itself"
-            )
+            raise ValueError(f"upstream {u} is egressd's own listener; egressd would query itself")
 
 
 def _users(ctx: _Ctx, table: str, value: Any, sources: Sources) -> tuple[int, ...]:
@@ -244,8 +244,16 @@ def resolve_user(item: int | str, sources: Sources) -> int | None:
 # --- the parser ------------------------------------------------------------------------------
 
 _DAEMON_KEYS = (
-    "upstreams", "upstream_timeout", "upstream_tries", "blocked_rcode", "max_inflight",
-    "cache_entries", "tcp_idle_timeout", "tcp_max_connections", "log_rejects", "verify_interval",
+    "upstreams",
+    "upstream_timeout",
+    "upstream_tries",
+    "blocked_rcode",
+    "max_inflight",
+    "cache_entries",
+    "tcp_idle_timeout",
+    "tcp_max_connections",
+    "log_rejects",
+    "verify_interval",
 )
 _GRANT_KEYS = ("floor", "ceiling", "grace", "maxelem")
 _PROFILE_KEYS = ("users", "allowlists", "allow", "port", "ports", "cidrs", "allow_loopback")
@@ -290,9 +298,7 @@ def _daemon(ctx: _Ctx, d: dict[str, Any], sources: Sources, ports: set[int]) -> 
         except OSError as err:
             raise ctx.error(t, "upstreams", f"empty, and {sources.resolv_conf}: {err}") from None
         if not ups:
-            raise ctx.error(
-                t, "upstreams", f"empty, and {sources.resolv_conf} lists no nameserver"
-            )
+            raise ctx.error(t, "upstreams", f"empty, and {sources.resolv_conf} lists no nameserver")
     try:
         _check_not_self(ups, ports)
     except ValueError as err:
@@ -358,7 +364,9 @@ def _profiles(ctx: _Ctx, d: dict[str, Any], sources: Sources) -> tuple[Profile, 
             raise ctx.error("profiles", name, "expected a table")
         if not PROFILE_NAME.match(name):
             raise ctx.error(
-                t, None, f"profile name {name!r} must match {PROFILE_NAME.pattern} "
+                t,
+                None,
+                f"profile name {name!r} must match {PROFILE_NAME.pattern} "
                 "(it becomes part of chain and set names)",
             )
         _check_keys(ctx, t, body, _PROFILE_KEYS)
@@ -392,7 +400,9 @@ def _profiles(ctx: _Ctx, d: dict[str, Any], sources: Sources) -> tuple[Profile, 
             files.append(file)
         for item in _typed(ctx, t, body, "allow", list, []):
             try:
-                rules.append(parse_pattern(str(item), f"{ctx.path}:{_locate(ctx.text, t, 'allow')}"))
+                rules.append(
+                    parse_pattern(str(item), f"{ctx.path}:{_locate(ctx.text, t, 'allow')}")
+                )
             except ConfigError as err:
                 raise ctx.error(t, "allow", err.detail) from None
 
@@ -461,7 +471,9 @@ def from_command_line(cl: CommandLine, sources: Sources | None = None) -> Config
         try:
             text = sources.read_text(file)
         except OSError as err:
-            raise ConfigError(f"cannot read: {err.strerror}", file=file, key="--allowlist") from None
+            raise ConfigError(
+                f"cannot read: {err.strerror}", file=file, key="--allowlist"
+            ) from None
         rules.extend(parse_lines(text, file))
     for pattern in cl.allow:
         try:
@@ -481,7 +493,9 @@ def from_command_line(cl: CommandLine, sources: Sources | None = None) -> Config
     grants = GrantSettings()
     if cl.min_ttl is not None:
         grants = GrantSettings(
-            floor=cl.min_ttl, ceiling=max(grants.ceiling, cl.min_ttl), grace=grants.grace,
+            floor=cl.min_ttl,
+            ceiling=max(grants.ceiling, cl.min_ttl),
+            grace=grants.grace,
             maxelem=grants.maxelem,
         )
         check_grants(grants, lambda key, msg: ConfigError(msg, file=path, key="--min-ttl"))
@@ -494,10 +508,16 @@ def from_command_line(cl: CommandLine, sources: Sources | None = None) -> Config
         _check_not_self(ups, {port})
     except (ValueError, OSError) as err:
         raise ConfigError(str(err), file=path, key="--upstream") from None
-    profile = Profile(name="default", uids=tuple(uids), port=port, rules=tuple(rules),
-                      allowlists=tuple(cl.allowlists))
-    return Config(path=path, daemon=DaemonSettings(upstreams=tuple(ups)), grants=grants,
-                  profiles=(profile,))
+    profile = Profile(
+        name="default",
+        uids=tuple(uids),
+        port=port,
+        rules=tuple(rules),
+        allowlists=tuple(cl.allowlists),
+    )
+    return Config(
+        path=path, daemon=DaemonSettings(upstreams=tuple(ups)), grants=grants, profiles=(profile,)
+    )
 
 
 def parse_listen(text: str) -> int:

@@ -18,7 +18,16 @@ from . import __version__, sdnotify
 from .cache import Cache
 from .config import Config
 from .errors import ConfigError, EgressdError, FirewallError
-from .events import Error, Event, Reloaded, ReloadFailed, Repaired, RulesInstalled, Started, Stopping
+from .events import (
+    Error,
+    Event,
+    Reloaded,
+    ReloadFailed,
+    Repaired,
+    RulesInstalled,
+    Started,
+    Stopping,
+)
 from .firewall.iptables_ipset import IptablesIpset, ipv6_available
 from .ledger import Ledger
 from .listener import Listener
@@ -48,7 +57,8 @@ def check_ports(config: Config, path: str = UNPRIVILEGED_PORT_START) -> None:
             raise ConfigError(
                 f"port {p.port} can be bound by any user (ip_unprivileged_port_start is "
                 f"{start}); pick a port below {start}",
-                file=config.path, key=f"profiles.{p.name}.port",
+                file=config.path,
+                key=f"profiles.{p.name}.port",
             )
 
 
@@ -89,8 +99,13 @@ class Daemon:
 
         self.ref = PolicyRef(policy)
         self.pipeline = Pipeline(
-            self.ref, self._resolver(config), self.firewall, self.ledger,
-            Cache(config.daemon.cache_entries), self.report, self.stats,
+            self.ref,
+            self._resolver(config),
+            self.firewall,
+            self.ledger,
+            Cache(config.daemon.cache_entries),
+            self.report,
+            self.stats,
         )
         try:
             await self._sync_listeners(config)
@@ -106,8 +121,11 @@ class Daemon:
         loop.add_signal_handler(signal.SIGINT, self._request_stop, "SIGINT")
 
         listening = [a for lst in self.listeners.values() for a in lst.addresses]
-        self.report(Started(__version__, config.path, tuple(map(str, config.daemon.upstreams)),
-                            tuple(listening)))
+        self.report(
+            Started(
+                __version__, config.path, tuple(map(str, config.daemon.upstreams)), tuple(listening)
+            )
+        )
         sdnotify.ready(self._status())
         tasks = [asyncio.create_task(self._watchdog()), asyncio.create_task(self._maintain())]
         try:
@@ -138,11 +156,13 @@ class Daemon:
         return UpstreamResolver(d.upstreams, d.upstream_timeout, d.upstream_tries)
 
     def _installed(self, policy: Policy) -> None:
-        self.report(RulesInstalled(
-            tuple(p.name for p in policy.config.profiles),
-            tuple(f"ipv{f}" for f in self.firewall.families),
-            policy.digest,
-        ))
+        self.report(
+            RulesInstalled(
+                tuple(p.name for p in policy.config.profiles),
+                tuple(f"ipv{f}" for f in self.firewall.families),
+                policy.digest,
+            )
+        )
 
     def _status(self) -> str:
         assert self.ref is not None
@@ -163,8 +183,12 @@ class Daemon:
         try:
             for port in sorted(wanted - set(self.listeners)):
                 lst = Listener(
-                    port, self.pipeline.handle, self.stats, max_inflight=d.max_inflight,
-                    tcp_idle_timeout=d.tcp_idle_timeout, tcp_max_connections=d.tcp_max_connections,
+                    port,
+                    self.pipeline.handle,
+                    self.stats,
+                    max_inflight=d.max_inflight,
+                    tcp_idle_timeout=d.tcp_idle_timeout,
+                    tcp_max_connections=d.tcp_max_connections,
                     ipv6=ipv6_available(),
                 )
                 await lst.start()
@@ -174,7 +198,7 @@ class Daemon:
             for port in started:
                 await self.listeners.pop(port).close()
             raise
-        for port, lst in self.listeners.items():
+        for lst in self.listeners.values():
             lst.max_inflight = d.max_inflight
             lst.tcp_idle_timeout = d.tcp_idle_timeout
             lst.tcp_max_connections = d.tcp_max_connections

@@ -23,7 +23,7 @@ def _journal_send() -> Callable[..., Any] | None:
     if not os.path.exists(JOURNAL_SOCKET):
         return None
     try:
-        from systemd import journal  # type: ignore[import-not-found]
+        from systemd import journal  # type: ignore[import-not-found,attr-defined,unused-ignore]
     except ImportError:
         return None
     send: Callable[..., Any] = journal.send

@@ -28,9 +28,11 @@ class _UDP(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport  # type: ignore[assignment,unused-ignore]
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int] | tuple[str, int, int, int]) -> None:
+    def datagram_received(
+        self, data: bytes, addr: tuple[str, int] | tuple[str, int, int, int]
+    ) -> None:
         lst = self.listener
         if lst.inflight >= lst.max_inflight:
             lst.stats.dropped_busy += 1  # the client retries; better than queueing forever
@@ -52,8 +54,15 @@ class Listener:
     """All sockets of one profile port (v4 + v6, UDP + TCP)."""
 
     def __init__(
-        self, port: int, handler: Handler, stats: Stats, *, max_inflight: int,
-        tcp_idle_timeout: float, tcp_max_connections: int, ipv6: bool = True,
+        self,
+        port: int,
+        handler: Handler,
+        stats: Stats,
+        *,
+        max_inflight: int,
+        tcp_idle_timeout: float,
+        tcp_max_connections: int,
+        ipv6: bool = True,
     ) -> None:
         self.port = port
         self.handler = handler
@@ -100,9 +109,13 @@ class Listener:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind((host, self.port))
                 transport, _ = await loop.create_datagram_endpoint(lambda: _UDP(self), sock=sock)
-                self._udp.append(transport)  # type: ignore[arg-type]
+                self._udp.append(transport)
                 server = await asyncio.start_server(
-                    self._tcp_client, host, self.port, family=family, reuse_address=True,
+                    self._tcp_client,
+                    host,
+                    self.port,
+                    family=family,
+                    reuse_address=True,
                     limit=MAX_TCP_MESSAGE + 2,
                 )
                 self._tcp.append(server)

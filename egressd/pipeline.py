@@ -8,7 +8,7 @@ invariant that matters most is visible here: addresses reach the agent only afte
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,7 +26,7 @@ from .allowlist import labels_of
 from .cache import NEGATIVE_TTL_CAP, Cache, Entry, aged
 from .errors import FirewallError, UpstreamError
 from .events import Event, GrantFailed, QueryBlocked, QueryRefused, UpstreamFailed
-from .ledger import Ledger
+from .ledger import Ledger, Write
 from .policy import Decision, Policy, ProfilePolicy, decide, decide_chain
 from .stats import Stats
 
@@ -36,7 +36,7 @@ class Resolver(Protocol):
 
 
 class Allower(Protocol):
-    async def allow(self, writes: list[object]) -> None: ...
+    async def allow(self, writes: Sequence[Write]) -> None: ...
 
 
 @dataclass(slots=True)
@@ -101,7 +101,11 @@ class Pipeline:
         return query
 
     def _blocked(
-        self, query: dns.message.Message, pp: ProfilePolicy, decision: Decision, client: str,
+        self,
+        query: dns.message.Message,
+        pp: ProfilePolicy,
+        decision: Decision,
+        client: str,
         reason: str = "",
     ) -> dns.message.Message:
         self.stats.blocked += 1
@@ -118,11 +122,19 @@ class Pipeline:
                 client=client,
             )
         )
-        rcode = dns.rcode.REFUSED if self.ref.policy.config.daemon.blocked_rcode == "refused" else dns.rcode.NXDOMAIN
+        rcode = (
+            dns.rcode.REFUSED
+            if self.ref.policy.config.daemon.blocked_rcode == "refused"
+            else dns.rcode.NXDOMAIN
+        )
         return replies.blocked(query, rcode)
 
     async def _allowed(
-        self, query: dns.message.Message, pp: ProfilePolicy, qname: dns.name.Name, qtype: int,
+        self,
+        query: dns.message.Message,
+        pp: ProfilePolicy,
+        qname: dns.name.Name,
+        qtype: int,
         client: str,
     ) -> dns.message.Message:
         key = (labels_of(qname), qtype)
@@ -134,7 +146,9 @@ class Pipeline:
             addrs = [(ip, fam, max(0, ttl - age)) for ip, fam, ttl in entry.addresses]
         else:
             try:
-                response = await self.resolver.resolve(qname, qtype, bool(query.flags & dns.flags.RD))
+                response = await self.resolver.resolve(
+                    qname, qtype, bool(query.flags & dns.flags.RD)
+                )
             except UpstreamError as err:
                 self.stats.servfail_upstream += 1
                 self.report(UpstreamFailed(pp.profile.name, qname.to_text(), str(err)))
@@ -156,9 +170,13 @@ class Pipeline:
             self.report(GrantFailed(pp.profile.name, qname.to_text(), str(err)))
             return replies.servfail(query, "could not allow the answer's addresses")
         self.stats.allowed += 1
-        return replies.answer(query, entry.rcode, aged(entry.answer, age), aged(entry.authority, age))
+        return replies.answer(
+            query, entry.rcode, aged(entry.answer, age), aged(entry.authority, age)
+        )
 
-    async def _grant(self, pp: ProfilePolicy, addrs: list[tuple[str, int, int]], qname: dns.name.Name) -> None:
+    async def _grant(
+        self, pp: ProfilePolicy, addrs: list[tuple[str, int, int]], qname: dns.name.Name
+    ) -> None:
         if not addrs:
             return
         p = pp.profile
@@ -166,12 +184,13 @@ class Pipeline:
         now = self.clock()
         plan = self.ledger.plan(
             ((p.set4 if fam == 4 else p.set6, fam, ip, ttl) for ip, fam, ttl in addrs),
-            settings, now,
+            settings,
+            now,
         )
         self.stats.grant_skips += len(addrs) - len(plan)
         if not plan:
             return
-        await self.firewall.allow(plan)  # type: ignore[arg-type]
+        await self.firewall.allow(plan)
         self.stats.grant_writes += len(plan)
         self.ledger.commit(plan, now, qname.to_text(omit_final_dot=True).lower())
 
@@ -195,7 +214,7 @@ def _entry(response: dns.message.Message, ans: answers.Answer, now: float, ceili
     else:
         # Negative answer: the SOA's TTL/minimum bounds how long it may be cached (RFC 2308).
         soas = [r for r in response.authority if r.rdtype == dns.rdatatype.SOA]
-        ttl = min((min(r.ttl, r[0].minimum) for r in soas if len(r)), default=0)  # type: ignore[attr-defined]
+        ttl = min((min(r.ttl, r[0].minimum) for r in soas if len(r)), default=0)
         ttl = min(ttl, NEGATIVE_TTL_CAP)
     if rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
         ttl = 0  # never cache failures

@@ -32,10 +32,10 @@ def udp_limit(reply: dns.message.Message) -> int:
     return max(512, min(reply.request_payload, OUR_PAYLOAD))
 
 
-def _response(query: dns.message.Message, rcode: int) -> dns.message.Message:
+def _response(query: dns.message.Message, rcode: dns.rcode.Rcode | int) -> dns.message.Message:
     # make_response copies id, question, RD and the client's EDNS presence.
     r = dns.message.make_response(query, recursion_available=True, our_payload=OUR_PAYLOAD)
-    r.set_rcode(rcode)
+    r.set_rcode(dns.rcode.Rcode(rcode))
     return r
 
 
@@ -43,8 +43,10 @@ def _with_ede(r: dns.message.Message, query: dns.message.Message, code: int, tex
     # RFC 8914: an EDE option may only go to a client that used EDNS itself.
     if query.edns >= 0:
         r.use_edns(
-            0, payload=OUR_PAYLOAD, request_payload=query.payload,
-            options=[dns.edns.EDEOption(code, text)],
+            0,
+            payload=OUR_PAYLOAD,
+            request_payload=query.payload,
+            options=[dns.edns.EDEOption(dns.edns.EDECode(code), text)],
         )
 
 

@@ -27,7 +27,7 @@ def _fallback_notify(state: str) -> bool:
 
 
 try:
-    from systemd import daemon as _daemon  # type: ignore[import-not-found]
+    from systemd import daemon as _daemon  # type: ignore[import-not-found,attr-defined,unused-ignore]
 
     def _notify(state: str) -> bool:
         return bool(_daemon.notify(state))
@@ -48,7 +48,9 @@ def ready(status: str) -> bool:
 
 def reloading() -> bool:
     # MONOTONIC_USEC lets Type=notify-reload units match the reload to this message.
-    return notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+    return notify(
+        "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
+    )
 
 
 def stopping(status: str) -> bool:

@@ -16,6 +16,7 @@ import dns.message
 import dns.name
 import dns.rcode
 import dns.rdataclass
+import dns.rdatatype
 
 from .config import Upstream
 from .errors import UpstreamError
@@ -25,7 +26,12 @@ OUR_PAYLOAD = 1232
 
 def build_query(qname: dns.name.Name, qtype: int, rd: bool) -> dns.message.QueryMessage:
     q = dns.message.make_query(
-        qname, qtype, dns.rdataclass.IN, use_edns=0, payload=OUR_PAYLOAD, want_dnssec=False
+        qname,
+        dns.rdatatype.RdataType(qtype),
+        dns.rdataclass.IN,
+        use_edns=0,
+        payload=OUR_PAYLOAD,
+        want_dnssec=False,
     )
     if not rd:
         q.flags &= ~dns.flags.RD
@@ -56,8 +62,12 @@ class UpstreamResolver:
             query = build_query(qname, qtype, rd)
             try:
                 response, _ = await dns.asyncquery.udp_with_fallback(
-                    query, server.address, timeout=self.timeout, port=server.port,
-                    ignore_unexpected=True, ignore_errors=True,
+                    query,
+                    server.address,
+                    timeout=self.timeout,
+                    port=server.port,
+                    ignore_unexpected=True,
+                    ignore_errors=True,
                 )
             except (dns.exception.DNSException, OSError, EOFError) as err:
                 last_error = err

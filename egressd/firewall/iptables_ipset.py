@@ -14,11 +14,14 @@ import socket
 from collections import defaultdict
 from collections.abc import Sequence
 
-from pyroute2 import AsyncIPSet
-from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.nfnetlink.ipset import IPSET_CMD_ADD, ipset_msg
-from pyroute2.ipset import _nlmsg_error
+from pyroute2 import AsyncIPSet  # type: ignore[import-untyped]
+from pyroute2.ipset import _nlmsg_error  # type: ignore[import-untyped]
+from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST  # type: ignore[import-untyped]
+from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
+from pyroute2.netlink.nfnetlink.ipset import (  # type: ignore[import-untyped]
+    IPSET_CMD_ADD,
+    ipset_msg,
+)
 
 from ..errors import FirewallError
 from ..ledger import Write
@@ -43,9 +46,9 @@ async def _run(argv: Sequence[str], stdin: str | None = None) -> tuple[int, str,
         )
     except OSError as err:
         raise FirewallError(f"cannot run {argv[0]}: {err}") from err
-    out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
+    out, stderr = await proc.communicate(stdin.encode() if stdin is not None else None)
     assert proc.returncode is not None
-    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+    return proc.returncode, out.decode(errors="replace"), stderr.decode(errors="replace")
 
 
 def ipv6_available() -> bool:
@@ -77,12 +80,18 @@ class IptablesIpset:
 
     # --- sets ------------------------------------------------------------------------------
 
-    async def _ensure_set(self, name: str, family: int, maxelem: int, timeout: int) -> list[tuple[str, int]]:
+    async def _ensure_set(
+        self, name: str, family: int, maxelem: int, timeout: int
+    ) -> list[tuple[str, int]]:
         ipset = await self._sets()
         try:
             await ipset.create(
-                name, stype="hash:ip", family=_AF[family], exclusive=False,
-                maxelem=maxelem, timeout=timeout,
+                name,
+                stype="hash:ip",
+                family=_AF[family],
+                exclusive=False,
+                maxelem=maxelem,
+                timeout=timeout,
             )
         except NetlinkError as err:
             raise FirewallError(f"ipset create {name} failed: {err}") from err
@@ -149,7 +158,10 @@ class IptablesIpset:
                                 "IPSET_ATTR_DATA",
                                 {
                                     "attrs": [
-                                        ["IPSET_ATTR_IP_FROM", {"attrs": [[_ADDR_ATTR[family], w.ip]]}],
+                                        [
+                                            "IPSET_ATTR_IP_FROM",
+                                            {"attrs": [[_ADDR_ATTR[family], w.ip]]},
+                                        ],
                                         ["IPSET_ATTR_TIMEOUT", w.timeout],
                                         ["IPSET_ATTR_CADT_LINENO", i],
                                     ]
@@ -163,12 +175,16 @@ class IptablesIpset:
             try:
                 # No NLM_F_EXCL: an existing entry gets the new timeout (ipset's -exist).
                 await ipset.request(
-                    msg, IPSET_CMD_ADD, msg_flags=NLM_F_REQUEST | NLM_F_ACK,
+                    msg,
+                    IPSET_CMD_ADD,
+                    msg_flags=NLM_F_REQUEST | NLM_F_ACK,
                     terminate=_nlmsg_error,
                 )
             except NetlinkError as err:
                 detail = "set is full (maxelem)" if err.code == IPSET_ERR_HASH_FULL else str(err)
-                shown = ", ".join(w.ip for w in ws[:4]) + (f" and {len(ws) - 4} more" if len(ws) > 4 else "")
+                shown = ", ".join(w.ip for w in ws[:4]) + (
+                    f" and {len(ws) - 4} more" if len(ws) > 4 else ""
+                )
                 raise FirewallError(f"ipset add {shown} to {name} failed: {detail}") from err
             except OSError as err:
                 raise FirewallError(f"ipset add to {name} failed: {err}") from err
@@ -195,8 +211,10 @@ class IptablesIpset:
             parts = line.split()
             if parts[:1] == ["-N"] and parts[1].startswith(rules.CHAIN_PREFIX):
                 chains.append(parts[1])
-            elif parts[:2] == ["-A", "OUTPUT"] and parts[-2:-1] == ["-j"] and parts[-1].startswith(
-                rules.CHAIN_PREFIX
+            elif (
+                parts[:2] == ["-A", "OUTPUT"]
+                and parts[-2:-1] == ["-j"]
+                and parts[-1].startswith(rules.CHAIN_PREFIX)
             ):
                 jumps.append(" ".join(parts[2:]))
         return chains, jumps
@@ -205,7 +223,9 @@ class IptablesIpset:
         profiles = policy.config.profiles
         fam = rules.V4 if family == 4 else rules.V6
         text = rules.render(
-            profiles, fam, log_rejects=policy.config.daemon.log_rejects,
+            profiles,
+            fam,
+            log_rejects=policy.config.daemon.log_rejects,
             missing_jumps=await self._missing_jumps(family),
         )
         restore = _TOOLS[family][1]
@@ -230,9 +250,7 @@ class IptablesIpset:
             # Sets first: the rules reference them.
             for p in policy.config.profiles:
                 for family, name in ((4, p.set4), (6, p.set6)):
-                    found[name] = await self._ensure_set(
-                        name, family, g.maxelem, g.floor + g.grace
-                    )
+                    found[name] = await self._ensure_set(name, family, g.maxelem, g.floor + g.grace)
             for family in self.families:
                 await self._apply(policy, family)
             wanted_sets = set(found)
@@ -270,9 +288,13 @@ class IptablesIpset:
                     if not lines or lines[0] != f"-A OUTPUT -j {chain}":
                         problems.append(f"IPv{family} {table} OUTPUT jump to {chain} not first")
                         # Remove every copy; _apply inserts one at the top.
-                        while (await _run([tool, "-w", "-t", table, "-D", "OUTPUT", "-j", chain]))[0] == 0:
+                        while (await _run([tool, "-w", "-t", table, "-D", "OUTPUT", "-j", chain]))[
+                            0
+                        ] == 0:
                             pass
-                rc, out, _ = await _run([_TOOLS[family][0], "-w", "-t", "filter", "-S", rules.FILTER_CHAIN])
+                rc, out, _ = await _run(
+                    [_TOOLS[family][0], "-w", "-t", "filter", "-S", rules.FILTER_CHAIN]
+                )
                 expected_jumps = sum(len(p.uids) for p in policy.config.profiles)
                 if rc != 0 or out.count("--uid-owner") < expected_jumps:
                     problems.append(f"IPv{family} {rules.FILTER_CHAIN} incomplete")
@@ -293,14 +315,16 @@ class IptablesIpset:
                         errors.append(str(err))
                         continue
                     for chain in chains:
-                        while (await _run([tool, "-w", "-t", table, "-D", "OUTPUT", "-j", chain]))[0] == 0:
+                        while (await _run([tool, "-w", "-t", table, "-D", "OUTPUT", "-j", chain]))[
+                            0
+                        ] == 0:
                             pass
                     for chain in chains:
                         await _run([tool, "-w", "-t", table, "-F", chain])
                     for chain in chains:
-                        rc, _, err = await _run([tool, "-w", "-t", table, "-X", chain])
+                        rc, _, stderr = await _run([tool, "-w", "-t", table, "-X", chain])
                         if rc != 0:
-                            errors.append(f"{tool} -t {table} -X {chain}: {err.strip()}")
+                            errors.append(f"{tool} -t {table} -X {chain}: {stderr.strip()}")
             for name in await self._set_names():
                 try:
                     await self._destroy_set(name)
