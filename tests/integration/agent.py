@@ -39,6 +39,15 @@ TYPE_NAMES = {v: k for k, v in TYPES.items()}
 RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED",
           16: "BADVERS"}
 
+
+def type_name(code):
+    return TYPE_NAMES.get(code, f"TYPE{code}")
+
+
+def rcode_name(code):
+    return RCODES.get(code, f"RCODE{code}")
+
+
 KIND_BY_ERRNO = {
     errno.ECONNREFUSED: "refused",
     errno.ECONNRESET: "reset",
@@ -62,7 +71,7 @@ def error(exc, start, **extra):
         "error": kind,
         "errno": num,
         "errname": errno.errorcode.get(num) if num else None,
-        "text": "%s: %s" % (type(exc).__name__, exc),
+        "text": f"{type(exc).__name__}: {exc}",
         "elapsed": round(time.monotonic() - start, 4),
     }
     out.update(extra)
@@ -94,6 +103,7 @@ GAI_NAMES = {getattr(socket, n): n for n in dir(socket) if n.startswith("EAI_")}
 
 
 def cmd_resolve(name, fam="any"):
+    fam = fam.removeprefix("family")  # "family4" == "4"
     family = {"4": socket.AF_INET, "inet": socket.AF_INET, "6": socket.AF_INET6,
               "inet6": socket.AF_INET6, "any": socket.AF_UNSPEC}[fam]
     start = time.monotonic()
@@ -164,7 +174,7 @@ def decode_rdata(msg, rtype, off, rdlen):
     if rtype in (2, 5, 12, 39):
         return decode_name(msg, off)[0]
     if rtype == 15:
-        return "%d %s" % (struct.unpack("!H", rd[:2])[0], decode_name(msg, off + 2)[0])
+        return f"{struct.unpack('!H', rd[:2])[0]} {decode_name(msg, off + 2)[0]}"
     if rtype == 16:
         parts, i = [], 0
         while i < len(rd):
@@ -187,7 +197,7 @@ def parse_response(msg):
         name, off = decode_name(msg, off)
         qt, _qc = struct.unpack("!HH", msg[off:off + 4])
         off += 4
-        questions.append([name, TYPE_NAMES.get(qt, "TYPE%d" % qt)])
+        questions.append([name, type_name(qt)])
     sections = {"answers": [], "authority": [], "additional": []}
     edns = None
     for sect, count in (("answers", an), ("authority", ns), ("additional", ar)):
@@ -204,7 +214,7 @@ def parse_response(msg):
                 edns = {"udp_size": rclass, "ext_rcode": ttl >> 24, "version": (ttl >> 16) & 0xFF,
                         "do": bool(ttl & 0x8000), "options": opts}
             else:
-                sections[sect].append([name, TYPE_NAMES.get(rtype, "TYPE%d" % rtype),
+                sections[sect].append([name, type_name(rtype),
                                        decode_rdata(msg, rtype, off, rdlen), ttl])
             off += rdlen
     rcode = (flags & 0xF) | ((edns["ext_rcode"] << 4) if edns else 0)
@@ -215,7 +225,7 @@ def parse_response(msg):
                 ede.append([struct.unpack("!H", data[:2])[0], data[2:].decode("utf-8", "replace")])
     out = {
         "id": qid,
-        "rcode": RCODES.get(rcode, "RCODE%d" % rcode),
+        "rcode": rcode_name(rcode),
         "rcode_num": rcode,
         "qr": bool(flags & 0x8000), "aa": bool(flags & 0x0400), "tc": bool(flags & 0x0200),
         "rd": bool(flags & 0x0100), "ra": bool(flags & 0x0080),
@@ -265,14 +275,14 @@ def cmd_dnsq(server, port, name, qtype, proto, flags):
     start = time.monotonic()
     try:
         resp = exchange(server, int(port), wire, proto, timeout)
-    except (OSError, socket.timeout) as exc:
+    except (TimeoutError, OSError) as exc:
         return error(exc, start, transport=proto)
     elapsed = round(time.monotonic() - start, 4)
     try:
         out = parse_response(resp)
     except Exception as exc:  # noqa: BLE001 - report garbage instead of crashing
         return {"ok": False, "error": "other", "errno": None, "errname": None,
-                "text": "unparsable response: %r" % exc, "response_hex": resp.hex(),
+                "text": f"unparsable response: {exc!r}", "response_hex": resp.hex(),
                 "elapsed": elapsed}
     out.update(ok=True, id_match=out["id"] == qid, transport=proto, elapsed=elapsed)
     return out
@@ -283,13 +293,13 @@ def cmd_dnsraw(server, port, hexwire, proto, flags):
     start = time.monotonic()
     try:
         resp = exchange(server, int(port), bytes.fromhex(hexwire), proto, timeout)
-    except (OSError, socket.timeout) as exc:
+    except (TimeoutError, OSError) as exc:
         return error(exc, start, transport=proto)
     out = {"ok": True, "response_hex": resp.hex(), "elapsed": round(time.monotonic() - start, 4),
            "rcode": None, "rcode_num": None, "tc": None}
     if len(resp) >= 12:
         fl = struct.unpack("!H", resp[2:4])[0]
-        out.update(rcode=RCODES.get(fl & 0xF, "RCODE%d" % (fl & 0xF)), rcode_num=fl & 0xF,
+        out.update(rcode=rcode_name(fl & 0xF), rcode_num=fl & 0xF,
                    tc=bool(fl & 0x0200), id=struct.unpack("!H", resp[:2])[0])
     return out
 
@@ -314,7 +324,7 @@ def cmd_connect(ip, port, timeout="5"):
             connected = round(time.monotonic() - start, 4)
             s.sendall(b"ping\n")
             echo = readline(s)
-    except (OSError, socket.timeout) as exc:
+    except (TimeoutError, OSError) as exc:
         return error(exc, start)
     return {"ok": echo == b"ping\n", "echo": echo.decode("utf-8", "replace"),
             "connect_elapsed": connected, "elapsed": round(time.monotonic() - start, 4)}
@@ -334,7 +344,7 @@ def cmd_hold(ip, port, seconds, timeout="5"):
             s.sendall(b"ping2\n")
             if readline(s) != b"ping2\n":
                 raise OSError("bad echo for ping2")
-    except (OSError, socket.timeout) as exc:
+    except (TimeoutError, OSError) as exc:
         return error(exc, start, stage=stage)
     return {"ok": True, "stage": "done", "elapsed": round(time.monotonic() - start, 4)}
 
@@ -348,7 +358,7 @@ def cmd_udp(ip, port, timeout="3"):
             s.connect((ip, int(port)))
             s.send(payload)
             data = s.recv(65535)
-    except (OSError, socket.timeout) as exc:
+    except (TimeoutError, OSError) as exc:
         return error(exc, start)
     return {"ok": data == payload, "elapsed": round(time.monotonic() - start, 4)}
 
@@ -411,7 +421,7 @@ def main(argv):
                "euid": os.geteuid(), "capeff": caps["CapEff"].strip(),
                "capprm": caps["CapPrm"].strip()}
     else:
-        raise SystemExit("unknown command %r" % cmd)
+        raise SystemExit(f"unknown command {cmd!r}")
     sys.stdout.write(json.dumps(out) + "\n")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import pytest
 from lab import CREATED_NAMESPACES, Lab, netns_list
@@ -27,6 +27,9 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.geteuid() == 0:
         return
+    if os.environ.get("EGRESSD_REQUIRE_NETNS") == "1":
+        # tests/run and CI: a skipped integration test would be counted as coverage.
+        raise pytest.UsageError(f"EGRESSD_REQUIRE_NETNS=1 but {NOT_ROOT_REASON}")
     skip = pytest.mark.skip(reason=NOT_ROOT_REASON)
     for item in items:
         if item.get_closest_marker("netns"):
@@ -34,9 +37,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> pytest.TestReport:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     # Remember each phase's report so the lab fixture can dump diagnostics on failure.
-    rep: pytest.TestReport = yield
+    rep = yield
     setattr(item, f"rep_{rep.when}", rep)
     return rep
 

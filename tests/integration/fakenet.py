@@ -154,7 +154,7 @@ class DnsLogic:
         if not req.questions:
             reply = req.reply()
             reply.header.rcode = RCODE.FORMERR
-            return reply.pack()
+            return bytes(reply.pack())
         if self.rogue_a is not None:
             reply = self._rogue(req)
         else:
@@ -170,7 +170,7 @@ class DnsLogic:
                 reply.header.tc = 1
                 if opt:
                     reply.add_ar(EDNS0(udp_len=1232))
-                return reply.pack()
+                return bytes(reply.pack())
             if qn in db["__servfail__"]:
                 reply = req.reply()
                 reply.header.rcode = RCODE.SERVFAIL
@@ -405,4 +405,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -29,10 +30,11 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent.parent
@@ -57,12 +59,21 @@ ECHO_UDP_PORT = 9999
 IFNAME = "eth0"
 
 Records = Mapping[str, Any]
+T = TypeVar("T")
 
 # Every namespace name any Lab of this process created (for leak checks).
 CREATED_NAMESPACES: list[str] = []
+# /etc/netns is only removed (when empty) if it did not exist before the tests;
+# decided once per process because concurrent labs share it.
+_ETC_NETNS = Path("/etc/netns")
+_ETC_NETNS_PREEXISTED = _ETC_NETNS.exists()
 
 
 class LabError(RuntimeError):
+    pass
+
+
+class LabWarning(UserWarning):
     pass
 
 
@@ -86,7 +97,7 @@ def run(
     return proc
 
 
-def _poll(cond: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
+def _poll(cond: Callable[[], T], timeout: float, interval: float = 0.05) -> T | None:
     """Return cond()'s first truthy value, or None after timeout."""
     deadline = time.monotonic() + timeout
     while True:
@@ -168,7 +179,7 @@ class DnsControl:
         found = _poll(lambda: self.queries(**match), timeout)
         if not found:
             raise LabError(f"no DNS query matching {match} within {timeout}s")
-        return found[0]  # type: ignore[no-any-return]
+        return found[0]
 
 
 class EchoControl:
@@ -370,13 +381,13 @@ class PrivateJournal:
         # `ip netns exec` gives the host ns's /sys and resolv.conf (like a normal
         # daemon start); unshare then makes the mount ns private, so our mounts
         # never propagate to the machine. Both exec, so the pid is `sleep`.
-        self.holder = subprocess.Popen(
+        holder = self.holder = subprocess.Popen(
             ["ip", "netns", "exec", self.lab.host, "unshare", "--mount",
              "--propagation", "private", "sleep", "infinity"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         sleep_exe = os.path.realpath(shutil.which("sleep") or "/usr/bin/sleep")
-        if not _poll(lambda: self._exe(self.holder) == sleep_exe, 10):  # type: ignore[arg-type]
+        if not _poll(lambda: self._exe(holder) == sleep_exe, 10):
             raise LabError("journal mount-namespace holder did not start")
         conf = self.dir / "journald.conf"
         conf.write_text(JOURNALD_CONF, encoding="utf-8")
@@ -399,15 +410,15 @@ class PrivateJournal:
         env.update(SYSTEMD_LOG_TARGET="console", SYSTEMD_LOG_LEVEL="info")
         self.stderr_path = self.dir / "journald.stderr"
         with open(self.stderr_path, "wb") as err:
-            self.journald = subprocess.Popen(
+            journald = self.journald = subprocess.Popen(
                 [*self.enter_prefix(), JOURNALD],
                 stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env,
             )
         # The socket is visible from here through the process's root (/proc/PID/root
         # resolves paths in its mount namespace).
-        self.socket_path = f"/proc/{self.journald.pid}/root/run/systemd/journal/socket"
-        if not _poll(lambda: os.path.exists(self.socket_path) or self.journald.poll() is not None,  # type: ignore[union-attr]
-                     10) or self.journald.poll() is not None:
+        self.socket_path = f"/proc/{journald.pid}/root/run/systemd/journal/socket"
+        if not _poll(lambda: os.path.exists(self.socket_path) or journald.poll() is not None,
+                     10) or journald.poll() is not None:
             raise LabError(f"systemd-journald did not start:\n{_tail(self.stderr_path)}")
         # Prove the whole path works (socket -> journald -> files -> journalctl -D).
         probe = secrets.token_hex(8)
@@ -449,9 +460,11 @@ class PrivateJournal:
         return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
     def wait(self, *matches: str, count: int = 1, timeout: float = 10) -> list[dict[str, Any]]:
-        found = _poll(lambda: (lambda r: r if len(r) >= count else None)(self.query(*matches)),
-                      timeout, interval=0.1)
-        return found or self.query(*matches)  # type: ignore[no-any-return]
+        def enough() -> list[dict[str, Any]] | None:
+            found = self.query(*matches)
+            return found if len(found) >= count else None
+
+        return _poll(enough, timeout, interval=0.1) or self.query(*matches)
 
     def mount_ns_inode(self) -> int:
         return os.stat(f"/proc/{self.holder_pid}/ns/mnt").st_ino
@@ -488,14 +501,14 @@ class Lab:
         self.agent_uid = agent_uid
         self.keep_tmp = bool(os.environ.get("EGD_LAB_KEEP")) if keep_tmp is None else keep_tmp
         self.tmpdir = Path(tempfile.mkdtemp(prefix=f"egd-lab-{tag}-"))  # mode 0700
-        self.netns_dir = Path("/etc/netns") / self.host
-        self._created_etc_netns = False
+        self.netns_dir = _ETC_NETNS / self.host
         self._namespaces: list[str] = []
         self._servers: dict[str, subprocess.Popen[bytes]] = {}
         self._daemons: list[Daemon] = []
         self._journal: PrivateJournal | None = None
         self._closed = False
         self._counter = 0
+        self.stray_pids: list[int] = []
         self.dns = DnsControl(self.tmpdir / "dns.log", self.tmpdir / "records.json")
         self.rogue = DnsControl(self.tmpdir / "rogue.log", None)
         self.echo = EchoControl(self.tmpdir / "echo.log")
@@ -551,9 +564,7 @@ class Lab:
     def _setup_resolv_conf(self) -> None:
         # `ip netns exec` bind-mounts /etc/netns/<ns>/* over /etc/*, so the agent's
         # glibc resolver asks the rogue resolver unless egressd redirects it.
-        if not Path("/etc/netns").exists():
-            Path("/etc/netns").mkdir(mode=0o755)
-            self._created_etc_netns = True
+        _ETC_NETNS.mkdir(mode=0o755, exist_ok=True)
         self.netns_dir.mkdir(mode=0o755)
         resolv = self.netns_dir / "resolv.conf"
         resolv.write_text(f"nameserver {ROGUE_V4}\noptions timeout:2 attempts:1\n",
@@ -574,7 +585,7 @@ class Lab:
         for name in ("dns", "rogue", "echo"):
             proc = self._servers[name]
             ready = self.tmpdir / f"{name}.ready"
-            if not _poll(lambda r=ready, p=proc: r.exists() or p.poll() is not None, 15) \
+            if not _poll(functools.partial(_ready_or_dead, ready, proc), 15) \
                     or proc.poll() is not None:
                 raise LabError(f"fake {name} server failed:\n{_tail(self.tmpdir / f'{name}.err')}")
 
@@ -592,8 +603,10 @@ class Lab:
         """'host'/'inet' -> real namespace name (real names pass through)."""
         return {"host": self.host, "inet": self.inet}.get(which, which)
 
-    def netns_exec(self, ns: str, cmd: Sequence[str] | str, *, check: bool = True,
-                   input: str | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    def netns_exec(
+        self, ns: str, cmd: Sequence[str] | str, *, check: bool = True,
+        input: str | None = None, timeout: float = 30,
+    ) -> subprocess.CompletedProcess[str]:
         """Run a command (list, or string split with shlex) as root in 'host'/'inet'."""
         argv = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
         return run(["ip", "netns", "exec", self.ns(ns), *argv], check=check, input=input,
@@ -613,8 +626,10 @@ class Lab:
         try:
             result: dict[str, Any] = json.loads(lines[-1])
         except (IndexError, ValueError):
-            raise LabError(f"agent {args!r} exited {proc.returncode} without JSON:\n"
-                           f"stdout: {proc.stdout[-2000:]}\nstderr: {proc.stderr[-4000:]}") from None
+            raise LabError(
+                f"agent {args!r} exited {proc.returncode} without JSON:\n"
+                f"stdout: {proc.stdout[-2000:]}\nstderr: {proc.stderr[-4000:]}"
+            ) from None
         return result
 
     def start_process(self, cmd: Sequence[str], *, env: Mapping[str, str | None] | None = None,
@@ -672,7 +687,9 @@ class Lab:
         """journalctl -D <private journal> -o json MATCH... (e.g. "EGRESSD_QNAME=x.test")."""
         return self.journal.query(*matches)
 
-    def journal_wait(self, *matches: str, count: int = 1, timeout: float = 10) -> list[dict[str, Any]]:
+    def journal_wait(
+        self, *matches: str, count: int = 1, timeout: float = 10
+    ) -> list[dict[str, Any]]:
         """Poll journal_query until at least `count` entries match; returns what it has."""
         return self.journal.wait(*matches, count=count, timeout=timeout)
 
@@ -708,6 +725,23 @@ class Lab:
 
     # ---- teardown
 
+    def _kill_strays(self) -> None:
+        inodes = set()
+        for ns in self._namespaces:
+            with contextlib.suppress(FileNotFoundError):
+                st = os.stat(f"/run/netns/{ns}")
+                inodes.add((st.st_dev, st.st_ino))
+        strays = [pid for pid in _all_pids() if _net_ns_of(pid) in inodes]
+        for pid in strays:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if strays:
+            self.stray_pids.extend(strays)
+            warnings.warn(f"lab killed leftover processes in its namespaces: {strays}",
+                          LabWarning, stacklevel=3)
+            # Not our children (reparented), so poll until they are gone/zombies.
+            _poll(lambda: not any(_net_ns_of(p) in inodes for p in strays), 5)
+
     def close(self) -> None:
         if self._closed:
             return
@@ -725,17 +759,37 @@ class Lab:
         if self._journal is not None:
             attempt("stop journald", self._journal.close)
         for name, proc in self._servers.items():
-            attempt(f"stop {name}", lambda p=proc: _terminate(p, grace=2))
+            attempt(f"stop {name}", functools.partial(_terminate, proc, grace=2))
+        # Anything still inside our namespaces was started by something we started
+        # (a daemon's orphaned child, say); it would keep the namespace alive after
+        # `ip netns del`, so kill it by pid.
+        attempt("kill leftover processes", self._kill_strays)
         for ns in reversed(self._namespaces):
-            attempt(f"delete netns {ns}", lambda n=ns: run(["ip", "netns", "del", n]))
+            attempt(f"delete netns {ns}", functools.partial(run, ["ip", "netns", "del", ns]))
         attempt("remove netns etc dir", lambda: shutil.rmtree(self.netns_dir, ignore_errors=True))
-        if self._created_etc_netns:
-            attempt("remove /etc/netns", lambda: _rmdir_if_empty(Path("/etc/netns")))
+        if not _ETC_NETNS_PREEXISTED:
+            attempt("remove /etc/netns", lambda: _rmdir_if_empty(_ETC_NETNS))
         if not self.keep_tmp:
             attempt("remove tmpdir", lambda: shutil.rmtree(self.tmpdir, ignore_errors=True))
         _open_labs.discard(self)
         if errors:
             raise LabError("lab cleanup problems:\n" + "\n".join(errors))
+
+
+def _ready_or_dead(ready: Path, proc: subprocess.Popen[bytes]) -> bool:
+    return ready.exists() or proc.poll() is not None
+
+
+def _all_pids() -> list[int]:
+    return [int(e) for e in os.listdir("/proc") if e.isdigit()]
+
+
+def _net_ns_of(pid: int) -> tuple[int, int] | None:
+    try:
+        st = os.stat(f"/proc/{pid}/ns/net")  # fails for zombies and vanished pids
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def _rmdir_if_empty(path: Path) -> None:

@@ -9,6 +9,8 @@ import secrets
 import signal
 import struct
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,8 +22,10 @@ from lab import (
     INET_V6,
     ROGUE_ANSWER,
     ROGUE_V4,
+    Daemon,
     Lab,
     LabError,
+    LabWarning,
     netns_list,
 )
 
@@ -52,9 +56,25 @@ while True:
 """
 
 
-def start_fake(lab: Lab, token: str, journald: bool = False):  # type: ignore[no-untyped-def]
+def start_fake(lab: Lab, token: str, journald: bool = False) -> Daemon:
     return lab.start_process([sys.executable, "-c", FAKE_DAEMON, token], journald=journald,
                              name="fake")
+
+
+def _poll_text(read: Callable[[], str], timeout: float = 5) -> str:
+    deadline = time.monotonic() + timeout
+    while not (text := read().strip()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return text
+
+
+def _alive(pid: int) -> bool:
+    """True unless the pid is gone or a zombie (orphans are reaped by pid 1 eventually)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
 
 
 def netns_inode(name: str) -> int:
@@ -179,7 +199,8 @@ def test_servfail_drop_and_raw(lab: Lab) -> None:
     assert lab.dns.queries(qname="drop.test.")  # received, just not answered
 
     # Hand-made query for "raw.test" A with id 0x1234.
-    wire = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + b"\x03raw\x04test\x00\x00\x01\x00\x01"
+    header = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
+    wire = header + b"\x03raw\x04test\x00" + struct.pack("!HH", 1, 1)
     raw = lab.agent("dnsraw", INET_V4, 53, wire.hex(), "tcp")
     assert raw["ok"] and raw["id"] == 0x1234 and raw["rcode"] == "NXDOMAIN"
     garbage = lab.agent("dnsraw", INET_V4, 53, "00ff", "udp", "--timeout=1")
@@ -215,7 +236,8 @@ def test_udp_echo(lab: Lab) -> None:
 def test_many_resolve_and_connect(lab: Lab) -> None:
     names = [f"n{i}.race.test" for i in range(200)]
     r = lab.agent("many", "-", input=json.dumps(names), timeout=90)
-    assert r["ok"] and r["n_ok"] == 200 and r["elapsed"] < 60, {k: r[k] for k in ("n_ok", "elapsed")}
+    summary = {k: r[k] for k in ("n_ok", "elapsed")}
+    assert r["ok"] and r["n_ok"] == 200 and r["elapsed"] < 60, summary
     assert [x["name"] for x in r["results"]] == names
     assert r["results"][0]["connect"]["ok"] and r["results"][0]["addrs"] == [ROGUE_ANSWER]
     assert len(lab.rogue.queries(qtype="A")) == 200
@@ -288,18 +310,24 @@ def test_cleanup_leaves_nothing(netns_session: None) -> None:
         assert lab.netns_dir.is_dir()
         plain = start_fake(lab, "a")
         jd = start_fake(lab, "b", journald=True)
+        # A "daemon" that leaves an orphan behind when it is stopped.
+        forker = lab.start_process(["/bin/sh", "-c", "sleep 300 & echo $!; wait"])
         plain.wait_ready()
         jd.wait_ready()
         mnt_ino = lab.journal.mount_ns_inode()
         pids = [p.pid for p in lab.processes()]
-        assert len(pids) == 7  # 3 servers, 2 daemons, journald, mount-ns holder
+        assert len(pids) == 8  # 3 servers, 3 daemons, journald, mount-ns holder
+        orphan = int(_poll_text(forker.stdout_text))
+        pids.append(orphan)
         tmp = lab.tmpdir
     finally:
-        lab.close()
+        with pytest.warns(LabWarning, match="leftover"):
+            lab.close()
+    assert lab.stray_pids == [orphan]
     assert not names & set(netns_list())
     assert not lab.netns_dir.exists() and not tmp.exists()
     for pid in pids:
-        assert not Path(f"/proc/{pid}").exists(), pid
+        assert not _alive(pid), pid
     for ns_link in Path("/proc").glob("[0-9]*/ns/mnt"):
         try:
             assert os.stat(ns_link).st_ino != mnt_ino, f"{ns_link} still in the journal mount ns"
