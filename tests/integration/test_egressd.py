@@ -64,7 +64,9 @@ port = {PORT}
     return path
 
 
-def start(lab: Lab, config: Path, *, journald: bool = False, env: dict[str, str] | None = None) -> Daemon:
+def start(
+    lab: Lab, config: Path, *, journald: bool = False, env: dict[str, str] | None = None
+) -> Daemon:
     log = "journal" if journald else "json"
     d = lab.start_daemon(["run", "--config", str(config), "--log", log], journald=journald, env=env)
     d.wait_ready()
@@ -216,8 +218,9 @@ def test_race_200_fresh_names_connect_immediately(lab: Lab) -> None:
     names = [f"n{i}.race.test" for i in range(1, 201)]
     lab.dns.set({f"{n}.": [["A", f"203.0.113.{i}", 300]] for i, n in enumerate(names, start=1)})
     start(lab, write_config(lab, ["*.race.test"]))
-    r = lab.agent("many", json.dumps(names), "--port=80", "--timeout=3", "--workers=16",
-                  timeout=120)
+    r = lab.agent(
+        "many", json.dumps(names), "--port=80", "--timeout=3", "--workers=16", timeout=120
+    )
     failures = [x for x in r["results"] if not x["ok"]]
     assert r["n_ok"] == 200 and not failures, failures[:5]
 
@@ -226,12 +229,14 @@ def test_race_200_fresh_names_connect_immediately(lab: Lab) -> None:
 
 
 def test_cname_target_addresses_are_granted_and_deny_on_target_wins(lab: Lab) -> None:
-    lab.dns.set({
-        "alias.test.": [["CNAME", "edge.cdn.example.", 300]],
-        "edge.cdn.example.": [["A", "203.0.113.30", 300], ["AAAA", "2001:db8:113::30", 300]],
-        "sneaky.test.": [["CNAME", "tracker.cdn.example.", 300]],
-        "tracker.cdn.example.": [["A", "203.0.113.31", 300]],
-    })
+    lab.dns.set(
+        {
+            "alias.test.": [["CNAME", "edge.cdn.example.", 300]],
+            "edge.cdn.example.": [["A", "203.0.113.30", 300], ["AAAA", "2001:db8:113::30", 300]],
+            "sneaky.test.": [["CNAME", "tracker.cdn.example.", 300]],
+            "tracker.cdn.example.": [["A", "203.0.113.31", 300]],
+        }
+    )
     d = start(lab, write_config(lab, ["alias.test", "sneaky.test", "!tracker.cdn.example"]))
     r = lab.agent("resolve", "alias.test", "any")
     assert set(r["addrs"]) == {"203.0.113.30", "2001:db8:113::30"}, r
@@ -288,10 +293,12 @@ def test_stop_and_crash_fail_closed_then_recover(lab: Lab, how: str) -> None:
 
 
 def test_reload_applies_new_allowlist_keeps_grants_and_survives_a_broken_config(lab: Lab) -> None:
-    lab.dns.set({
-        "a.test.": [["A", "203.0.113.50", 300]],
-        "b.test.": [["A", "203.0.113.51", 300]],
-    })
+    lab.dns.set(
+        {
+            "a.test.": [["A", "203.0.113.50", 300]],
+            "b.test.": [["A", "203.0.113.51", 300]],
+        }
+    )
     config = write_config(lab, ["a.test"])
     d = start(lab, config)
     assert lab.agent("resolve", "a.test", "4")["ok"]
@@ -354,8 +361,9 @@ def test_other_uids_are_not_affected(lab: Lab) -> None:
     assert lab.agent("connect", "203.0.113.66", 80, uid=OTHER)["ok"]
     assert lab.agent("udp", "203.0.113.66", 9999, uid=OTHER)["ok"]
     assert lab.agent("connect", "2001:db8:113::66", 80, uid=OTHER)["ok"]
-    root = lab.netns_exec("host", ["dig", "+short", "+time=2", "+tries=1", f"@{ROGUE_V4}",
-                                   "anything.test"])
+    root = lab.netns_exec(
+        "host", ["dig", "+short", "+time=2", "+tries=1", f"@{ROGUE_V4}", "anything.test"]
+    )
     assert root.stdout.strip() == ROGUE_ANSWER
     # ...while the agent, at the same moment, is still restricted.
     assert not lab.agent("connect", "203.0.113.66", 80, 3)["ok"]
@@ -373,8 +381,12 @@ def test_sd_notify_status_and_watchdog(lab: Lab) -> None:
 
 
 def test_truncated_upstream_answer_is_fetched_over_tcp(lab: Lab) -> None:
-    lab.dns.set({"big.test.": [["A", f"203.0.113.{i}", 300] for i in range(100, 104)],
-                 "__tc__": ["big.test."]})
+    lab.dns.set(
+        {
+            "big.test.": [["A", f"203.0.113.{i}", 300] for i in range(100, 104)],
+            "__tc__": ["big.test."],
+        }
+    )
     start(lab, write_config(lab, ["big.test"]))
     r = lab.agent("resolve", "big.test", "4")
     assert set(r["addrs"]) == {f"203.0.113.{i}" for i in range(100, 104)}, r
@@ -395,7 +407,9 @@ def test_malformed_and_unsupported_messages(lab: Lab) -> None:
     r = lab.agent("dnsraw", ROGUE_V4, 53, two.hex(), "udp")
     assert r["rcode"] == "REFUSED", r
     # Class CH (e.g. version.bind): refused.
-    ch = bytes.fromhex("123401000001000000000000") + b"\x07version\x04bind\x00" + b"\x00\x10\x00\x03"
+    ch = (
+        bytes.fromhex("123401000001000000000000") + b"\x07version\x04bind\x00" + b"\x00\x10\x00\x03"
+    )
     assert lab.agent("dnsraw", ROGUE_V4, 53, ch.hex(), "udp")["rcode"] == "REFUSED"
     assert lab.dns.queries() == []
     # And egressd still answers.
@@ -405,14 +419,40 @@ def test_malformed_and_unsupported_messages(lab: Lab) -> None:
 def test_listener_port_cannot_be_squatted(lab: Lab) -> None:
     lab.dns.set(BASIC)
     # egressd refuses an unprivileged port...
-    d = lab.start_daemon(["run", "--user", str(AGENT), "--allow", "ok.test", "--upstream",
-                          INET_V4, "--listen", "127.0.0.1:5353", "--log", "json"])
+    d = lab.start_daemon(
+        [
+            "run",
+            "--user",
+            str(AGENT),
+            "--allow",
+            "ok.test",
+            "--upstream",
+            INET_V4,
+            "--listen",
+            "127.0.0.1:5353",
+            "--log",
+            "json",
+        ]
+    )
     assert d.wait(15) == 2
     assert "ip_unprivileged_port_start" in d.stderr_text()
     # ...and its own port cannot be bound by the agent while egressd is not running.
-    code = "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('127.0.0.1', 153))"
-    r = lab.netns_exec("host", ["setpriv", f"--reuid={AGENT}", f"--regid={AGENT}",
-                                "--clear-groups", "/usr/bin/python3", "-c", code], check=False)
+    code = (
+        "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).bind(('127.0.0.1', 153))"
+    )
+    r = lab.netns_exec(
+        "host",
+        [
+            "setpriv",
+            f"--reuid={AGENT}",
+            f"--regid={AGENT}",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            code,
+        ],
+        check=False,
+    )
     assert r.returncode != 0 and "Permission denied" in r.stderr
 
 
@@ -420,9 +460,23 @@ def test_one_line_form_and_min_ttl(lab: Lab) -> None:
     lab.dns.set({"short.test.": [["A", "203.0.113.60", 0]]})
     allowlist = lab.tmpdir / "one.txt"
     allowlist.write_text("short.test\n", encoding="utf-8")
-    d = lab.start_daemon(["run", "--user", str(AGENT), "--allowlist", str(allowlist),
-                          "--upstream", INET_V4, "--listen", "127.0.0.1:154", "--min-ttl", "120",
-                          "--log", "json"])
+    d = lab.start_daemon(
+        [
+            "run",
+            "--user",
+            str(AGENT),
+            "--allowlist",
+            str(allowlist),
+            "--upstream",
+            INET_V4,
+            "--listen",
+            "127.0.0.1:154",
+            "--min-ttl",
+            "120",
+            "--log",
+            "json",
+        ]
+    )
     d.wait_ready()
     assert lab.agent("resolve", "short.test", "4")["addrs"] == ["203.0.113.60"]
     timeout = ipset_members(lab, "egressd-default-v4")["203.0.113.60"]
@@ -440,8 +494,11 @@ def test_self_healing_after_a_flush(lab: Lab) -> None:
     lab.netns_exec("host", ["iptables", "-I", "OUTPUT", "1", "-j", "ACCEPT"])  # a foreign rule
     repaired = wait_until(lambda: events(d, "Repaired"), 10)
     assert repaired, d.stderr_text()
-    first = [ln for ln in lab.netns_exec("host", ["iptables", "-S", "OUTPUT"]).stdout.splitlines()
-             if ln.startswith("-A OUTPUT")][0]
+    first = [
+        ln
+        for ln in lab.netns_exec("host", ["iptables", "-S", "OUTPUT"]).stdout.splitlines()
+        if ln.startswith("-A OUTPUT")
+    ][0]
     assert first == "-A OUTPUT -j EGRESSD-OUTPUT"
     assert not lab.agent("connect", "203.0.113.66", 80, 3)["ok"]
     assert lab.agent("connect", "203.0.113.10", 80)["ok"]
