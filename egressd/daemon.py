@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 from . import __version__, sdnotify
+from .blocklog import BlockLog
 from .cache import Cache
 from .config import Config
 from .errors import ConfigError, EgressdError, FirewallError
@@ -65,7 +66,8 @@ def check_ports(config: Config, path: str = UNPRIVILEGED_PORT_START) -> None:
 class Daemon:
     def __init__(self, load: Callable[[], Config], report: Callable[[Event], None]) -> None:
         self.load = load
-        self.report = report
+        self.blocklog = BlockLog(report)
+        self.report: Callable[[Event], None] = self.blocklog
         self.stats = Stats()
         self.firewall = IptablesIpset()
         self.ledger = Ledger()
@@ -139,6 +141,7 @@ class Daemon:
                     self._reload.clear()
                     await self.reload()
         finally:
+            self.blocklog.flush()
             sdnotify.stopping(f"stopping ({self._stop_reason}); rules stay in place")
             self.report(Stopping(self._stop_reason))
             for t in tasks:
@@ -273,6 +276,8 @@ class Daemon:
         last_verify = last_prune = time.monotonic()
         while True:
             await asyncio.sleep(1.0)
+            self.blocklog.flush()
+            self.stats.blocked_unlogged = self.blocklog.unlogged_total
             now = time.monotonic()
             if now - last_prune >= PRUNE_INTERVAL:
                 self.ledger.prune(now)
@@ -291,5 +296,4 @@ class Daemon:
                     if any(p.startswith("set ") for p in problems):
                         # A re-created set is empty: grants must be written again.
                         self.ledger.forget()
-                        self.pipeline.cache.clear() if self.pipeline else None
                     self.report(Repaired("; ".join(problems)))

@@ -50,6 +50,18 @@ class QueryBlocked(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class BlockedUnlogged(Event):
+    """Blocked queries over the logging rate limit: counted, not logged one by one."""
+
+    MESSAGE_ID: ClassVar[str] = "9e1d2c3b4a5f4e6d8c7b6a5f4e3d2c1b"
+    PRIORITY: ClassVar[int] = 4
+    count: int
+
+    def message(self) -> str:
+        return f"{self.count} more blocked queries were not logged one by one (rate limit)"
+
+
+@dataclass(frozen=True, slots=True)
 class QueryRefused(Event):
     """A query refused before policy: several questions, bad class or opcode, garbage."""
 

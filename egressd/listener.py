@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -107,7 +108,16 @@ class Listener:
                 sock = socket.socket(family, socket.SOCK_DGRAM)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind((host, self.port))
+                try:
+                    sock.bind((host, self.port))
+                except OSError as err:
+                    sock.close()
+                    if family == socket.AF_INET6 and err.errno == errno.EADDRNOTAVAIL:
+                        # IPv6 is off on loopback: there is no ::1 to redirect to either,
+                        # so the users' IPv6 DNS simply fails (closed, not open).
+                        self.ipv6 = False
+                        continue
+                    raise
                 transport, _ = await loop.create_datagram_endpoint(lambda: _UDP(self), sock=sock)
                 self._udp.append(transport)
                 server = await asyncio.start_server(

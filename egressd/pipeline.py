@@ -25,7 +25,7 @@ from . import answers, replies
 from .allowlist import labels_of
 from .cache import NEGATIVE_TTL_CAP, Cache, Entry, aged
 from .errors import FirewallError, UpstreamError
-from .events import Event, GrantFailed, QueryBlocked, QueryRefused, UpstreamFailed
+from .events import Error, Event, GrantFailed, QueryBlocked, QueryRefused, UpstreamFailed
 from .ledger import Ledger, Write
 from .policy import Decision, Policy, ProfilePolicy, decide, decide_chain
 from .stats import Stats
@@ -73,6 +73,16 @@ class Pipeline:
         query = self._parse(wire)
         if query is None:
             return None
+        try:
+            return await self._answer(query, port, client)
+        except Exception as err:  # noqa: BLE001 - a bug must cost one answer, not the daemon
+            self.stats.internal_errors += 1
+            self.report(Error("pipeline", f"{type(err).__name__}: {err}"))
+            return replies.servfail(query, "internal error")
+
+    async def _answer(
+        self, query: dns.message.Message, port: int, client: str
+    ) -> dns.message.Message:
         pp = self.ref.policy.by_port.get(port)
         if pp is None:  # a listener that a reload is retiring
             return replies.refused(query, "no profile on this port")
@@ -137,7 +147,8 @@ class Pipeline:
         qtype: int,
         client: str,
     ) -> dns.message.Message:
-        key = (labels_of(qname), qtype)
+        # Per profile: the CNAME chain was checked against this profile's deny rules only.
+        key = (pp.profile.name, labels_of(qname), qtype)
         now = self.clock()
         hit = self.cache.get(key, now)
         if hit is not None:

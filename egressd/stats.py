@@ -13,6 +13,8 @@ class Stats:
     refused: int = 0
     malformed: int = 0
     dropped_busy: int = 0
+    internal_errors: int = 0
+    blocked_unlogged: int = 0
     servfail_upstream: int = 0
     servfail_grant: int = 0
     cache_hits: int = 0
