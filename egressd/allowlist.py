@@ -108,7 +108,9 @@ def parse_pattern(text: str, source: str) -> Rule:
 def parse_lines(text: str, filename: str) -> list[Rule]:
     """Parse an allowlist file's text; errors name ``filename:line``."""
     rules: list[Rule] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines() would also break at \f, \v, \x1c-\x1e, \x85,
+    # U+2028/U+2029, turning the rest of a comment into a rule an editor shows as comment.
+    for lineno, line in enumerate(text.split("\n"), start=1):
         content = line.split("#", 1)[0].strip()
         if not content:
             continue

@@ -13,6 +13,8 @@ import dns.rrset
 
 from .allowlist import Labels
 
+Key = tuple[str, Labels, int]  # (profile name, qname labels, qtype)
+
 NEGATIVE_TTL_CAP = 300  # seconds a negative (NXDOMAIN/NODATA) answer is kept at most
 
 
@@ -37,11 +39,11 @@ class Cache:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._data: OrderedDict[tuple[Labels, int], Entry] = OrderedDict()
+        self._data: OrderedDict[Key, Entry] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: tuple[Labels, int], now: float) -> Hit | None:
+    def get(self, key: Key, now: float) -> Hit | None:
         entry = self._data.get(key)
         if entry is None:
             self.misses += 1
@@ -55,7 +57,7 @@ class Cache:
         self.hits += 1
         return Hit(entry, age)
 
-    def put(self, key: tuple[Labels, int], entry: Entry) -> None:
+    def put(self, key: Key, entry: Entry) -> None:
         if self.capacity <= 0 or entry.ttl <= 0:
             return
         self._data[key] = entry

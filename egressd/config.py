@@ -113,20 +113,27 @@ _HEADER = re.compile(r"^\s*\[\s*([^\]]+?)\s*\]\s*(#.*)?$")
 
 
 def _locate(text: str, table: str, key: str | None) -> int | None:
-    """Line number of `key` inside `[table]` (or of the table header when key is None)."""
+    """Line number of `key` inside `[table]` (or of the table header when key is None).
+
+    A key written as a dotted key (``key.sub = ...``) or as a table header of its own
+    (``[table.key]``, ``[table.key.sub]``) is found there.
+    """
     current = ""
     header_line: int | None = None
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    own = f"{table}.{key}" if table and key is not None else key
+    for lineno, line in enumerate(text.split("\n"), start=1):  # TOML lines end at \n only
         m = _HEADER.match(line)
         if m:
-            current = re.sub(r"\s*\.\s*", ".", m.group(1)).replace('"', "")
+            current = re.sub(r"\s*\.\s*", ".", m.group(1).strip("[] ")).replace('"', "")
             if current == table:
                 header_line = lineno
+            if own is not None and (current == own or current.startswith(own + ".")):
+                return lineno
             continue
         if (
             current == table
             and key is not None
-            and re.match(rf"^\s*\"?{re.escape(key)}\"?\s*=", line)
+            and re.match(rf"^\s*\"?{re.escape(key)}\"?\s*[=.]", line)
         ):
             return lineno
     return header_line
@@ -207,7 +214,9 @@ def resolv_conf_upstreams(text: str) -> list[Upstream]:
 def _check_not_self(upstreams: Sequence[Upstream], ports: set[int]) -> None:
     """Refuse upstreams that would send egressd's own queries back to egressd."""
     for u in upstreams:
-        addr = ipaddress.ip_address(u.address)
+        addr: IPAddress = ipaddress.ip_address(u.address)
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped  # ::ffff:127.0.0.1 reaches 127.0.0.1
         if addr.is_loopback and u.port in ports:
             raise ValueError(f"upstream {u} is egressd's own listener; egressd would query itself")
 
@@ -231,10 +240,10 @@ def _users(ctx: _Ctx, table: str, value: Any, sources: Sources) -> tuple[int, ..
 
 def resolve_user(item: int | str, sources: Sources) -> int | None:
     """A uid from a name or number. Numeric uids need not exist in the user database."""
+    if isinstance(item, str) and item.isascii() and item.isdigit():
+        item = int(item)
     if isinstance(item, int):
         return item if 0 <= item < 2**32 - 1 else None
-    if item.isdigit():
-        return int(item)
     try:
         return sources.lookup_user(item)
     except KeyError:
@@ -465,7 +474,8 @@ def from_command_line(cl: CommandLine, sources: Sources | None = None) -> Config
             raise ConfigError(f"unknown user {u!r}", file=path, key="--user")
         if uid == 0:
             raise ConfigError("refusing to restrict root (uid 0)", file=path, key="--user")
-        uids.append(uid)
+        if uid not in uids:
+            uids.append(uid)
     rules: list[Rule] = []
     for file in cl.allowlists:
         try:

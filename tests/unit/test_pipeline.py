@@ -1,0 +1,615 @@
+"""Pipeline.handle end to end with recording fakes: no sockets, no firewall, no clock."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import dns.edns
+import dns.flags
+import dns.message
+import dns.name
+import dns.opcode
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+import dns.update
+import pytest
+
+from egressd.allowlist import parse_lines
+from egressd.cache import Cache
+from egressd.config import Config, DaemonSettings, GrantSettings, Profile, Upstream
+from egressd.errors import FirewallError, UpstreamError
+from egressd.events import Error, Event, GrantFailed, QueryBlocked, QueryRefused, UpstreamFailed
+from egressd.ledger import Ledger, Write
+from egressd.pipeline import Pipeline, PolicyRef
+from egressd.policy import Policy
+from egressd.stats import Stats
+
+AGENT_LIST = "/etc/egressd/allowlist.d/agent.txt"
+AGENT_RULES = """\
+# agent
+**.example.com
+!ads.example.com
+*.cdn.example.net
+**.negative.example
+"""
+BUILD_LIST = "/etc/egressd/allowlist.d/build.txt"
+BUILD_RULES = """\
+**.example.com
+!**.tracker.example
+"""
+
+GRANTS = GrantSettings(floor=300, ceiling=86400, grace=60, maxelem=65536)
+
+
+def make_policy(blocked_rcode: str = "nxdomain") -> Policy:
+    agent = Profile(
+        name="agent", uids=(1000,), port=153, rules=tuple(parse_lines(AGENT_RULES, AGENT_LIST))
+    )
+    build = Profile(
+        name="build", uids=(1001,), port=154, rules=tuple(parse_lines(BUILD_RULES, BUILD_LIST))
+    )
+    return Policy(
+        Config(
+            path="/etc/egressd/egressd.toml",
+            daemon=DaemonSettings(upstreams=(Upstream("192.0.2.53"),), blocked_rcode=blocked_rcode),
+            grants=GRANTS,
+            profiles=(agent, build),
+        )
+    )
+
+
+def line(text: str, pattern: str) -> int:
+    return next(i for i, ln in enumerate(text.splitlines(), 1) if ln.strip() == pattern)
+
+
+# --- fakes -------------------------------------------------------------------------------------
+
+Records = Sequence[tuple[str, int, str, str]]  # (owner, ttl, type, rdata)
+
+
+@dataclass
+class FakeResolver:
+    log: list[str]
+    answers: dict[tuple[str, int], Callable[[dns.message.Message], dns.message.Message]] = field(
+        default_factory=dict
+    )
+    calls: list[tuple[dns.name.Name, int, bool]] = field(default_factory=list)
+    error: Exception | None = None
+
+    def add(
+        self,
+        name: str,
+        rdtype: str,
+        records: Records,
+        *,
+        rcode: int = dns.rcode.NOERROR,
+        authority: Records = (),
+        additional: Records = (),
+    ) -> None:
+        def build(q: dns.message.Message) -> dns.message.Message:
+            r = dns.message.make_response(q)
+            r.set_rcode(dns.rcode.Rcode(rcode))
+            for section, recs in (
+                (r.answer, records),
+                (r.authority, authority),
+                (r.additional, additional),
+            ):
+                for owner, ttl, rtype, rdata in recs:
+                    rr = dns.rrset.from_text(owner, ttl, "IN", rtype, rdata)
+                    merged = r.find_rrset(section, rr.name, rr.rdclass, rr.rdtype, create=True)
+                    merged.update_ttl(ttl)
+                    merged.union_update(rr)
+            return r
+
+        self.answers[(name.lower().rstrip("."), dns.rdatatype.from_text(rdtype))] = build
+
+    async def resolve(self, qname: dns.name.Name, qtype: int, rd: bool) -> dns.message.Message:
+        self.log.append("resolve")
+        self.calls.append((qname, qtype, rd))
+        if self.error is not None:
+            raise self.error
+        q = dns.message.make_query(qname, dns.rdatatype.RdataType(qtype))
+        key = (qname.to_text(omit_final_dot=True).lower(), qtype)
+        return self.answers[key](q)
+
+
+@dataclass
+class FakeFirewall:
+    log: list[str]
+    calls: list[list[Write]] = field(default_factory=list)
+    fail: bool = False
+
+    async def allow(self, writes: Sequence[Write]) -> None:
+        self.log.append("allow")
+        self.calls.append(list(writes))
+        if self.fail:
+            raise FirewallError("ipset add to egressd-agent-v4 failed: set is full (maxelem)")
+
+
+@dataclass
+class Clock:
+    now: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Rig:
+    pipeline: Pipeline
+    resolver: FakeResolver
+    firewall: FakeFirewall
+    events: list[Event]
+    clock: Clock
+    log: list[str]
+    ledger: Ledger
+    stats: Stats
+
+    def ask(
+        self, wire: bytes, port: int = 153, client: str = "udp:127.0.0.1:5555"
+    ) -> dns.message.Message | None:
+        reply = asyncio.run(self.pipeline.handle(wire, port, client))
+        self.log.append("reply")
+        return reply
+
+
+def rig(blocked_rcode: str = "nxdomain", cache_entries: int = 100) -> Rig:
+    log: list[str] = []
+    resolver = FakeResolver(log)
+    firewall = FakeFirewall(log)
+    events: list[Event] = []
+    clock = Clock()
+    ledger = Ledger()
+    stats = Stats()
+    p = Pipeline(
+        PolicyRef(make_policy(blocked_rcode)),
+        resolver,
+        firewall,
+        ledger,
+        Cache(cache_entries),
+        events.append,
+        stats,
+        clock,
+    )
+    return Rig(p, resolver, firewall, events, clock, log, ledger, stats)
+
+
+def wire(
+    name: str,
+    rdtype: str = "A",
+    *,
+    edns: int = 0,
+    qid: int = 0xBEEF,
+    rd: bool = True,
+    rdclass: str = "IN",
+) -> bytes:
+    q = dns.message.make_query(
+        name,
+        rdtype,
+        rdclass=rdclass,
+        use_edns=edns,
+        options=[dns.edns.ECSOption("203.0.113.0", 24)] if edns >= 0 else None,
+    )
+    q.id = qid
+    if not rd:
+        q.flags &= ~dns.flags.RD
+    return q.to_wire()
+
+
+def addresses(reply: dns.message.Message) -> list[str]:
+    return sorted(
+        rd.address
+        for rr in reply.answer
+        if rr.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA)
+        for rd in rr
+    )
+
+
+def ede_codes(reply: dns.message.Message) -> list[int]:
+    return [o.code for o in reply.options if isinstance(o, dns.edns.EDEOption)]
+
+
+CHAIN = (
+    ("www.example.com.", 3600, "CNAME", "e1.cdn-provider.example."),
+    ("e1.cdn-provider.example.", 120, "A", "192.0.2.10"),
+    ("e1.cdn-provider.example.", 120, "A", "192.0.2.11"),
+    ("unrelated.example.", 300, "A", "198.51.100.66"),  # not on the chain
+)
+
+
+# --- allowed -------------------------------------------------------------------------------------
+
+
+def test_allowed_name_is_granted_before_the_reply() -> None:
+    r = rig()
+    r.resolver.add(
+        "www.example.com", "A", CHAIN, additional=(("ns.evil.", 300, "A", "198.51.100.77"),)
+    )
+    reply = r.ask(wire("WwW.Example.COM", qid=0x4242))
+    assert reply is not None
+    assert r.log == ["resolve", "allow", "reply"]
+    # the resolver saw the rebuilt question only
+    assert r.resolver.calls == [(dns.name.from_text("www.example.com"), dns.rdatatype.A, True)]
+    # the firewall got exactly the chain's addresses, clamped to the floor plus grace
+    assert r.firewall.calls == [
+        [
+            Write("egressd-agent-v4", 4, "192.0.2.10", 360),
+            Write("egressd-agent-v4", 4, "192.0.2.11", 360),
+        ]
+    ]
+    assert reply.rcode() == dns.rcode.NOERROR
+    assert reply.id == 0x4242
+    assert reply.question[0].name.to_text() == "WwW.Example.COM."
+    assert addresses(reply) == ["192.0.2.10", "192.0.2.11"]
+    assert [str(rr.name) for rr in reply.answer] == ["www.example.com.", "e1.cdn-provider.example."]
+    assert reply.additional == []
+    assert reply.options == ()  # the client's ECS option is not echoed
+    assert r.ledger.remaining("egressd-agent-v4", "192.0.2.10", r.clock.now) == 360
+    assert r.ledger.names[("egressd-agent-v4", "192.0.2.10")] == "www.example.com"
+    assert r.events == []
+    assert (r.stats.queries, r.stats.allowed, r.stats.grant_writes) == (1, 1, 2)
+
+
+def test_allowed_aaaa_goes_to_the_v6_set() -> None:
+    r = rig()
+    r.resolver.add("v6.example.com", "AAAA", (("v6.example.com.", 7200, "AAAA", "2001:db8::1"),))
+    reply = r.ask(wire("v6.example.com", "AAAA"))
+    assert reply is not None and addresses(reply) == ["2001:db8::1"]
+    assert r.firewall.calls == [[Write("egressd-agent-v6", 6, "2001:db8::1", 7260)]]
+
+
+def test_rd_flag_is_passed_on() -> None:
+    r = rig()
+    r.resolver.add("norec.example.com", "A", (("norec.example.com.", 300, "A", "192.0.2.1"),))
+    r.ask(wire("norec.example.com", rd=False))
+    assert r.resolver.calls[0][2] is False
+
+
+def test_answer_without_addresses_needs_no_grant() -> None:
+    r = rig()
+    r.resolver.add("txt.example.com", "TXT", (("txt.example.com.", 300, "TXT", '"v=spf1"'),))
+    reply = r.ask(wire("txt.example.com", "TXT"))
+    assert reply is not None and reply.rcode() == dns.rcode.NOERROR
+    assert r.firewall.calls == []
+    assert len(reply.answer) == 1
+
+
+# --- blocked / denied ----------------------------------------------------------------------------
+
+
+def test_blocked_name_never_reaches_the_resolver() -> None:
+    r = rig()
+    reply = r.ask(wire("www.example.org", qid=7))
+    assert reply is not None
+    assert r.resolver.calls == [] and r.firewall.calls == []
+    assert reply.rcode() == dns.rcode.NXDOMAIN and reply.id == 7
+    assert ede_codes(reply) == [dns.edns.EDECode.BLOCKED]
+    assert reply.answer == []
+    (ev,) = r.events
+    assert isinstance(ev, QueryBlocked)
+    assert (ev.profile, ev.uids, ev.qname, ev.qtype, ev.verdict, ev.rule) == (
+        "agent",
+        (1000,),
+        "www.example.org",
+        "A",
+        "block",
+        "",
+    )
+    assert ev.client == "udp:127.0.0.1:5555"
+    assert r.stats.blocked == 1
+
+
+def test_blocked_without_edns_has_no_ede() -> None:
+    r = rig()
+    reply = r.ask(wire("www.example.org", edns=-1))
+    assert reply is not None and reply.rcode() == dns.rcode.NXDOMAIN
+    assert reply.edns == -1 and ede_codes(reply) == []
+
+
+def test_deny_rule_reports_its_file_and_line() -> None:
+    r = rig()
+    reply = r.ask(wire("ads.example.com"))
+    assert reply is not None and reply.rcode() == dns.rcode.NXDOMAIN
+    assert r.resolver.calls == []
+    (ev,) = r.events
+    assert isinstance(ev, QueryBlocked)
+    assert ev.verdict == "deny"
+    assert ev.rule == f"{AGENT_LIST}:{line(AGENT_RULES, '!ads.example.com')}" == f"{AGENT_LIST}:3"
+
+
+def test_blocked_rcode_refused() -> None:
+    r = rig(blocked_rcode="refused")
+    reply = r.ask(wire("www.example.org"))
+    assert reply is not None and reply.rcode() == dns.rcode.REFUSED
+    assert ede_codes(reply) == [dns.edns.EDECode.BLOCKED]
+
+
+def test_profiles_are_told_apart_by_port() -> None:
+    r = rig()
+    r.resolver.add("x.cdn.example.net", "A", (("x.cdn.example.net.", 300, "A", "192.0.2.5"),))
+    assert r.ask(wire("x.cdn.example.net"), port=153).rcode() == dns.rcode.NOERROR  # type: ignore[union-attr]
+    assert r.ask(wire("x.cdn.example.net"), port=154).rcode() == dns.rcode.NXDOMAIN  # type: ignore[union-attr]
+    ev = r.events[-1]
+    assert isinstance(ev, QueryBlocked) and ev.profile == "build" and ev.uids == (1001,)
+
+
+def test_unknown_port_is_refused() -> None:
+    r = rig()
+    reply = r.ask(wire("www.example.com"), port=999)
+    assert reply is not None and reply.rcode() == dns.rcode.REFUSED
+    assert r.resolver.calls == []
+
+
+# --- CNAME targets ------------------------------------------------------------------------
+
+
+def test_denied_cname_target_blocks_the_answer() -> None:
+    r = rig()
+    r.resolver.add(
+        "promo.example.com",
+        "A",
+        (
+            ("promo.example.com.", 300, "CNAME", "x.ads.example.com."),
+            ("x.ads.example.com.", 300, "CNAME", "ADS.example.com."),
+            ("ads.example.com.", 300, "A", "198.51.100.1"),
+        ),
+    )
+    reply = r.ask(wire("promo.example.com"))
+    assert reply is not None
+    assert reply.rcode() == dns.rcode.NXDOMAIN and addresses(reply) == []
+    assert r.firewall.calls == []
+    (ev,) = r.events
+    assert isinstance(ev, QueryBlocked)
+    assert ev.verdict == "deny" and ev.rule == f"{AGENT_LIST}:3"
+    assert ev.reason == "CNAME target denied"
+    assert ev.qname == "promo.example.com"
+    # not cached: asking again asks upstream again
+    r.ask(wire("promo.example.com"))
+    assert len(r.resolver.calls) == 2
+
+
+def test_unlisted_cname_target_inherits_the_allow() -> None:
+    r = rig()
+    r.resolver.add("www.example.com", "A", CHAIN)
+    reply = r.ask(wire("www.example.com"))
+    assert reply is not None and addresses(reply) == ["192.0.2.10", "192.0.2.11"]
+
+
+def test_cache_does_not_leak_a_chain_across_profiles() -> None:
+    """Profile build denies **.tracker.example; agent does not. An answer cached for agent
+    must not be served to build without the CNAME check."""
+    r = rig()
+    r.resolver.add(
+        "img.example.com",
+        "A",
+        (
+            ("img.example.com.", 300, "CNAME", "pixel.tracker.example."),
+            ("pixel.tracker.example.", 300, "A", "198.51.100.9"),
+        ),
+    )
+    agent = r.ask(wire("img.example.com"), port=153)
+    assert agent is not None and addresses(agent) == ["198.51.100.9"]
+    build = r.ask(wire("img.example.com"), port=154)
+    assert build is not None
+    assert build.rcode() == dns.rcode.NXDOMAIN and addresses(build) == []
+    assert all(w.set_name != "egressd-build-v4" for call in r.firewall.calls for w in call)
+    ev = r.events[-1]
+    assert isinstance(ev, QueryBlocked) and ev.profile == "build" and ev.verdict == "deny"
+    assert ev.rule == f"{BUILD_LIST}:2"
+
+
+# --- failures ------------------------------------------------------------------------------------
+
+
+def test_firewall_error_is_servfail_without_addresses() -> None:
+    r = rig()
+    r.resolver.add("www.example.com", "A", CHAIN)
+    r.firewall.fail = True
+    reply = r.ask(wire("www.example.com"))
+    assert reply is not None
+    assert reply.rcode() == dns.rcode.SERVFAIL
+    assert reply.answer == [] and addresses(reply) == []
+    assert ede_codes(reply) == [dns.edns.EDECode.OTHER]
+    (ev,) = r.events
+    assert isinstance(ev, GrantFailed)
+    assert ev.profile == "agent" and "maxelem" in ev.error
+    assert r.stats.servfail_grant == 1 and r.stats.allowed == 0
+    # nothing was recorded as granted: the next try writes again
+    assert r.ledger.remaining("egressd-agent-v4", "192.0.2.10", r.clock.now) == 0
+    r.firewall.fail = False
+    again = r.ask(wire("www.example.com"))
+    assert again is not None and addresses(again) == ["192.0.2.10", "192.0.2.11"]
+    assert len(r.firewall.calls) == 2
+
+
+def test_upstream_error_is_servfail() -> None:
+    r = rig()
+    r.resolver.error = UpstreamError("no answer from 192.0.2.53:53: Timeout")
+    reply = r.ask(wire("www.example.com"))
+    assert reply is not None and reply.rcode() == dns.rcode.SERVFAIL
+    assert r.firewall.calls == []
+    (ev,) = r.events
+    assert isinstance(ev, UpstreamFailed) and "Timeout" in ev.error and ev.profile == "agent"
+    assert r.stats.servfail_upstream == 1
+
+
+def test_a_bug_costs_one_servfail() -> None:
+    r = rig()
+    r.resolver.error = RuntimeError("boom")
+    reply = r.ask(wire("www.example.com"))
+    assert reply is not None and reply.rcode() == dns.rcode.SERVFAIL and reply.answer == []
+    assert r.firewall.calls == []
+    (ev,) = r.events
+    assert isinstance(ev, Error) and "RuntimeError: boom" in ev.error
+    assert r.stats.internal_errors == 1
+
+
+def test_upstream_servfail_is_passed_on_and_not_cached() -> None:
+    r = rig()
+    r.resolver.add("broken.example.com", "A", (), rcode=dns.rcode.SERVFAIL)
+    for _ in range(2):
+        reply = r.ask(wire("broken.example.com"))
+        assert reply is not None and reply.rcode() == dns.rcode.SERVFAIL
+    assert len(r.resolver.calls) == 2
+
+
+# --- cache ---------------------------------------------------------------------------------------
+
+
+def test_cache_hit_ages_ttls_and_skips_fresh_grants() -> None:
+    r = rig()
+    r.resolver.add("www.example.com", "A", CHAIN)
+    r.ask(wire("www.example.com"))
+    assert len(r.firewall.calls) == 1
+    r.clock.now += 10.5
+    reply = r.ask(wire("WWW.EXAMPLE.COM", qid=99))
+    assert reply is not None and reply.id == 99
+    assert len(r.resolver.calls) == 1  # from the cache
+    assert [rr.ttl for rr in reply.answer] == [3600 - 10, 120 - 10]
+    assert addresses(reply) == ["192.0.2.10", "192.0.2.11"]
+    assert reply.question[0].name.to_text() == "WWW.EXAMPLE.COM."
+    # the grants (360 s) still have 349.5 s left, more than 360 - 30: no kernel write
+    assert len(r.firewall.calls) == 1
+    assert r.stats.cache_hits == 1 and r.stats.grant_skips == 2
+
+
+def test_cache_hit_rearms_grants_that_run_out() -> None:
+    r = rig()
+    r.resolver.add("www.example.com", "A", CHAIN)
+    r.ask(wire("www.example.com"))
+    r.clock.now += 100
+    reply = r.ask(wire("www.example.com"))
+    assert reply is not None
+    assert len(r.resolver.calls) == 1
+    assert [rr.ttl for rr in reply.answer] == [3500, 20]
+    assert r.log == ["resolve", "allow", "reply", "allow", "reply"]
+    assert r.firewall.calls[1] == [
+        Write("egressd-agent-v4", 4, "192.0.2.10", 360),
+        Write("egressd-agent-v4", 4, "192.0.2.11", 360),
+    ]
+    assert r.ledger.remaining("egressd-agent-v4", "192.0.2.10", r.clock.now) == 360
+
+
+def test_cache_entry_expires_with_the_shortest_ttl() -> None:
+    r = rig()
+    r.resolver.add("www.example.com", "A", CHAIN)
+    r.ask(wire("www.example.com"))
+    r.clock.now += 120  # the A records' TTL
+    r.ask(wire("www.example.com"))
+    assert len(r.resolver.calls) == 2
+
+
+def test_cache_firewall_error_on_hit() -> None:
+    r = rig()
+    r.resolver.add("www.example.com", "A", CHAIN)
+    r.ask(wire("www.example.com"))
+    r.clock.now += 100
+    r.firewall.fail = True
+    reply = r.ask(wire("www.example.com"))
+    assert reply is not None and reply.rcode() == dns.rcode.SERVFAIL and reply.answer == []
+
+
+def test_negative_answer_is_cached_with_soa() -> None:
+    r = rig()
+    soa = (("negative.example.", 900, "SOA", "ns. host. 1 2 3 4 60"),)
+    r.resolver.add("nx.negative.example", "A", (), rcode=dns.rcode.NXDOMAIN, authority=soa)
+    reply = r.ask(wire("nx.negative.example"))
+    assert reply is not None and reply.rcode() == dns.rcode.NXDOMAIN
+    assert [rr.rdtype for rr in reply.authority] == [dns.rdatatype.SOA]
+    assert r.firewall.calls == []
+    r.clock.now += 59
+    assert r.ask(wire("nx.negative.example")).rcode() == dns.rcode.NXDOMAIN  # type: ignore[union-attr]
+    assert len(r.resolver.calls) == 1
+    r.clock.now += 1  # SOA minimum (60) reached
+    r.ask(wire("nx.negative.example"))
+    assert len(r.resolver.calls) == 2
+
+
+def test_cache_disabled() -> None:
+    r = rig(cache_entries=0)
+    r.resolver.add("www.example.com", "A", CHAIN)
+    r.ask(wire("www.example.com"))
+    r.ask(wire("www.example.com"))
+    assert len(r.resolver.calls) == 2
+    assert len(r.firewall.calls) == 1  # the ledger still skips the second write
+
+
+# --- refused before policy ----------------------------------------------------------------
+
+
+def two_questions() -> bytes:
+    q = dns.message.make_query("a.example.com", "A")
+    q.question.append(
+        dns.rrset.RRset(dns.name.from_text("b.example.com"), dns.rdataclass.IN, dns.rdatatype.A)
+    )
+    return q.to_wire()
+
+
+def opcode(op: dns.opcode.Opcode) -> bytes:
+    q = dns.message.make_query("www.example.com", "A")
+    q.set_opcode(op)
+    return q.to_wire()
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (two_questions, "2 questions"),
+        (lambda: wire("version.bind", "TXT", rdclass="CH"), "class CH"),
+        (lambda: wire("www.example.com", rdclass="ANY"), "class ANY"),
+        (lambda: opcode(dns.opcode.NOTIFY), "opcode NOTIFY"),
+        (lambda: dns.update.UpdateMessage("example.com").to_wire(), "opcode UPDATE"),
+        (lambda: opcode(dns.opcode.IQUERY), "opcode IQUERY"),
+        (lambda: wire("example.com", "AXFR"), "zone transfers"),
+        (lambda: wire("example.com", "IXFR"), "zone transfers"),
+        (lambda: dns.message.Message().to_wire(), "0 questions"),
+    ],
+)
+def test_unsupported_queries_are_refused(make: Callable[[], bytes], words: str) -> None:
+    r = rig()
+    reply = r.ask(make())
+    assert reply is not None and reply.rcode() == dns.rcode.REFUSED
+    assert r.resolver.calls == [] and r.firewall.calls == []
+    (ev,) = r.events
+    assert isinstance(ev, QueryRefused) and words in ev.reason and ev.profile == "agent"
+    assert r.stats.refused == 1
+
+
+# --- malformed -----------------------------------------------------------------------------------
+
+
+def qr_set() -> bytes:
+    q = dns.message.make_query("www.example.com", "A")
+    q.flags |= dns.flags.QR
+    return q.to_wire()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x00",
+        b"garbage bytes, not DNS",
+        b"\xff" * 12,
+        wire("www.example.com")[:-3],
+        wire("www.example.com") + b"trailing",
+        qr_set(),
+    ],
+)
+def test_malformed_is_dropped(data: bytes) -> None:
+    r = rig()
+    assert r.ask(data) is None
+    assert r.stats.malformed == 1 and r.stats.queries == 1
+    assert r.resolver.calls == [] and r.firewall.calls == [] and r.events == []
+
+
+def test_response_to_a_blocked_name_is_dropped_not_answered() -> None:
+    q = dns.message.make_query("www.example.org", "A")
+    resp = dns.message.make_response(q)
+    r = rig()
+    assert r.ask(resp.to_wire()) is None
+    assert r.events == []
