@@ -27,6 +27,9 @@ from .errors import ConfigError
 
 Labels = tuple[bytes, ...]  # lower-cased, root label dropped, leftmost first
 
+# Characters IDNA 2003 and IDNA 2008 treat differently (UTS #46 "deviations").
+_IDNA_DEVIATIONS = frozenset("\u00df\u03c2\u200c\u200d")
+
 _LABEL = re.compile(rb"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
 
 
@@ -76,9 +79,21 @@ def parse_pattern(text: str, source: str) -> Rule:
         host = host[:-1]
     if not host:
         raise ConfigError(f"pattern {text.strip()!r} matches every name; list domains instead")
+    if host in ("*", "**"):
+        raise ConfigError(f"pattern {text.strip()!r} matches every name; list domains instead")
     if "*" in host:
         raise ConfigError(
-            f"pattern {text.strip()!r}: '*' or '**' may only stand alone as the leftmost label",
+            f"pattern {text.strip()!r}: '*' and '**' are only allowed as the whole leftmost "
+            "label ('*.example.com', '**.example.com')",
+        )
+    deviations = sorted(set(host) & _IDNA_DEVIATIONS)
+    if deviations:
+        # IDNA 2003 maps these (ß -> ss), IDNA 2008 keeps them (xn--...): the two forms are
+        # different names, and clients disagree on which one they look up. A rule must not
+        # cover one form while a deny misses the other, so the admin writes the punycode.
+        raise ConfigError(
+            f"pattern {text.strip()!r}: {', '.join(repr(c) for c in deviations)} is spelled "
+            "differently by IDNA 2003 and IDNA 2008; write the punycode (xn--) form(s) instead",
         )
     try:
         name = dns.name.from_unicode(host, origin=None)

@@ -80,3 +80,12 @@ def aged(rrsets: tuple[dns.rrset.RRset, ...], age: int) -> list[dns.rrset.RRset]
         copy.ttl = max(0, rrset.ttl - age)
         out.append(copy)
     return out
+
+
+def capped(rrset: dns.rrset.RRset, ceiling: int) -> dns.rrset.RRset:
+    """The rrset itself, or a copy with its TTL lowered to ``ceiling``."""
+    if rrset.ttl <= ceiling:
+        return rrset
+    copy: dns.rrset.RRset = rrset.copy()  # type: ignore[no-untyped-call]
+    copy.ttl = ceiling
+    return copy

@@ -201,11 +201,12 @@ def parse_upstream(text: str) -> Upstream:
 
 def resolv_conf_upstreams(text: str) -> list[Upstream]:
     out: list[Upstream] = []
-    for line in text.splitlines():
+    for line in text.split("\n"):
         parts = line.split("#", 1)[0].split(";", 1)[0].split()
         if len(parts) >= 2 and parts[0] == "nameserver":
             try:
-                out.append(parse_upstream(parts[1].split("%", 1)[0]))
+                # A link-local server keeps its zone (fe80::1%eth0): without it, unusable.
+                out.append(parse_upstream(parts[1]))
             except ValueError:
                 continue
     return out
@@ -422,9 +423,15 @@ def _profiles(ctx: _Ctx, d: dict[str, Any], sources: Sources) -> tuple[Profile, 
         cidrs: list[IPNetwork] = []
         for c in _typed(ctx, t, body, "cidrs", list, []):
             try:
-                cidrs.append(ipaddress.ip_network(str(c), strict=True))
+                net = ipaddress.ip_network(str(c), strict=True)
             except ValueError as err:
                 raise ctx.error(t, "cidrs", str(err)) from None
+            if net.prefixlen == 0:
+                raise ctx.error(
+                    t, "cidrs", f"{net} would let these users reach everything; "
+                    "to stop restricting them, remove the profile",
+                )
+            cidrs.append(net)
         profiles.append(
             Profile(
                 name=name,

@@ -23,7 +23,7 @@ import dns.rdatatype
 
 from . import answers, replies
 from .allowlist import labels_of
-from .cache import NEGATIVE_TTL_CAP, Cache, Entry, aged
+from .cache import NEGATIVE_TTL_CAP, Cache, Entry, aged, capped
 from .errors import FirewallError, UpstreamError
 from .events import Error, Event, GrantFailed, QueryBlocked, QueryRefused, UpstreamFailed
 from .ledger import Ledger, Write
@@ -85,6 +85,7 @@ class Pipeline:
     ) -> dns.message.Message:
         pp = self.ref.policy.by_port.get(port)
         if pp is None:  # a listener that a reload is retiring
+            self.stats.refused += 1
             return replies.refused(query, "no profile on this port")
         problem = _unsupported(query)
         if problem:
@@ -231,7 +232,9 @@ def _entry(response: dns.message.Message, ans: answers.Answer, now: float, ceili
         ttl = 0  # never cache failures
     return Entry(
         rcode=rcode,
-        answer=ans.rrsets,
+        # A client may cache an answer for its TTL; the grant lasts at most ceiling + grace,
+        # so a TTL above the ceiling would outlive the grant.
+        answer=tuple(capped(r, ceiling) for r in ans.rrsets),
         authority=tuple(r for r in response.authority if r.rdtype == dns.rdatatype.SOA),
         addresses=tuple((a.ip, a.family, a.ttl) for a in ans.addresses),
         stored=now,

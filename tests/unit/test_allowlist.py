@@ -423,3 +423,21 @@ def test_only_newline_ends_a_line(sep: str) -> None:
     with pytest.raises(ConfigError) as exc:
         parse_lines(f"# a{sep}b\n\nbad..name\n", "f")
     assert exc.value.line == 3
+
+
+@pytest.mark.parametrize("pattern", ["straße.example", "*.ςigma.example", "!a\u200db.example"])
+def test_idna_deviation_characters_are_refused(pattern: str) -> None:
+    # IDNA 2003 and 2008 spell these names differently; a rule must name one form exactly.
+    with pytest.raises(ConfigError, match="punycode"):
+        parse_pattern(pattern, "test:1")
+
+
+def test_punycode_form_of_a_deviation_name_is_accepted() -> None:
+    rule = parse_pattern("xn--strae-oqa.example", "test:1")
+    assert rule.labels == (b"xn--strae-oqa", b"example")
+
+
+@pytest.mark.parametrize("pattern", ["*", "**", "!*"])
+def test_bare_wildcards_are_refused_with_a_clear_message(pattern: str) -> None:
+    with pytest.raises(ConfigError, match="matches every name"):
+        parse_pattern(pattern, "test:1")

@@ -381,7 +381,10 @@ def test_bad_destination_ports(ports: str) -> None:
     assert (err.line, err.key) == (3, "profiles.a.ports")
 
 
-@pytest.mark.parametrize("cidr", ['"10.0.0.1/8"', '"example.com"', '"10.0.0.0/33"', '"fd00::1/8"'])
+@pytest.mark.parametrize(
+    "cidr",
+    ['"10.0.0.1/8"', '"example.com"', '"10.0.0.0/33"', '"fd00::1/8"', '"0.0.0.0/0"', '"::/0"'],
+)
 def test_bad_cidrs(cidr: str) -> None:
     text = f'[profiles.a]\nusers = ["agent"]\ncidrs = [{cidr}]\n'
     err = parse_error(text)
@@ -479,7 +482,7 @@ def test_upstreams_default_to_resolv_conf() -> None:
     assert cfg.daemon.upstreams == (
         Upstream("192.0.2.1"),
         Upstream("2001:db8::53"),
-        Upstream("fe80::1"),  # the zone id is dropped
+        Upstream("fe80::1%eth0"),  # the zone id is kept: without it the address is unusable
         Upstream("192.0.2.2"),
     )
 

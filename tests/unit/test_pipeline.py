@@ -342,6 +342,7 @@ def test_unknown_port_is_refused() -> None:
     reply = r.ask(wire("www.example.com"), port=999)
     assert reply is not None and reply.rcode() == dns.rcode.REFUSED
     assert r.resolver.calls == []
+    assert r.stats.refused == 1
 
 
 # --- CNAME targets ------------------------------------------------------------------------
@@ -613,3 +614,13 @@ def test_response_to_a_blocked_name_is_dropped_not_answered() -> None:
     r = rig()
     assert r.ask(resp.to_wire()) is None
     assert r.events == []
+
+
+def test_reply_ttl_never_outlives_the_grant() -> None:
+    r = rig()
+    r.resolver.add("long.example.com", "A", (("long.example.com.", 500000, "A", "192.0.2.40"),))
+    reply = r.ask(wire("long.example.com"))
+    assert reply is not None
+    assert [rr.ttl for rr in reply.answer] == [GRANTS.ceiling]
+    (write,) = r.firewall.calls[0]
+    assert write.timeout == GRANTS.ceiling + GRANTS.grace >= reply.answer[0].ttl
