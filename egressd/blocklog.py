@@ -1,18 +1,19 @@
-"""Keeps a flood of blocked queries from flooding the journal.
+"""Keeps a flood of per-query records (blocked queries above all) from flooding the journal.
 
 An agent probing thousands of names (or exfiltrating through them) would otherwise write a
 record per query; journald's own rate limit would then drop egressd's other records too.
-Blocked-query records pass through a token bucket (default 50/s, bursts of 200); what
-does not fit is counted and summarised once per flush as one ``BlockedUnlogged`` record.
-Every other event passes straight through. Time is injected, so this is testable.
+Events marked ``PER_QUERY`` pass through a token bucket (default 50/s, bursts of 200); what
+does not fit is counted (by event type) and summarised once per flush as one ``Unlogged``
+record. Every other event passes straight through. Time is injected, so this is testable.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 
-from .events import BlockedUnlogged, Event, QueryBlocked
+from .events import Event, Unlogged
 
 
 class BlockLog:
@@ -30,23 +31,28 @@ class BlockLog:
         self.clock = clock
         self._tokens = burst
         self._last = clock()
-        self.unlogged = 0  # since the last flush
+        self._unlogged: Counter[str] = Counter()  # since the last flush
         self.unlogged_total = 0
 
+    @property
+    def unlogged(self) -> int:
+        return sum(self._unlogged.values())
+
     def __call__(self, event: Event) -> None:
-        if isinstance(event, QueryBlocked):
+        if event.PER_QUERY:
             now = self.clock()
             self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
             self._last = now
             if self._tokens < 1.0:
-                self.unlogged += 1
+                self._unlogged[type(event).__name__] += 1
                 self.unlogged_total += 1
                 return
             self._tokens -= 1.0
         self.report(event)
 
     def flush(self) -> None:
-        """Report how many blocked queries went unlogged since the last flush."""
-        if self.unlogged:
-            self.report(BlockedUnlogged(self.unlogged))
-            self.unlogged = 0
+        """Report how many per-query records went unlogged since the last flush."""
+        if self._unlogged:
+            kinds = ",".join(f"{k}={n}" for k, n in sorted(self._unlogged.items()))
+            self.report(Unlogged(self.unlogged, kinds))
+            self._unlogged.clear()

@@ -428,7 +428,9 @@ def _profiles(ctx: _Ctx, d: dict[str, Any], sources: Sources) -> tuple[Profile, 
                 raise ctx.error(t, "cidrs", str(err)) from None
             if net.prefixlen == 0:
                 raise ctx.error(
-                    t, "cidrs", f"{net} would let these users reach everything; "
+                    t,
+                    "cidrs",
+                    f"{net} would let these users reach everything; "
                     "to stop restricting them, remove the profile",
                 )
             cidrs.append(net)

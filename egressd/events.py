@@ -14,6 +14,9 @@ from typing import ClassVar
 class Event:
     MESSAGE_ID: ClassVar[str] = ""
     PRIORITY: ClassVar[int] = 6  # info
+    # One record per query: something the agent can trigger at will, so rate-limited
+    # (blocklog.BlockLog) to keep a flood from drowning the journal.
+    PER_QUERY: ClassVar[bool] = False
 
     def message(self) -> str:
         raise NotImplementedError
@@ -34,6 +37,7 @@ class Event:
 @dataclass(frozen=True, slots=True)
 class QueryBlocked(Event):
     MESSAGE_ID: ClassVar[str] = "0c8d6f0e9a0b4a57a1c4f1a7d4b2e901"
+    PER_QUERY: ClassVar[bool] = True
     PRIORITY: ClassVar[int] = 5  # notice
     profile: str
     uids: tuple[int, ...]
@@ -50,15 +54,16 @@ class QueryBlocked(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class BlockedUnlogged(Event):
-    """Blocked queries over the logging rate limit: counted, not logged one by one."""
+class Unlogged(Event):
+    """Per-query records over the logging rate limit: counted, not logged one by one."""
 
     MESSAGE_ID: ClassVar[str] = "9e1d2c3b4a5f4e6d8c7b6a5f4e3d2c1b"
     PRIORITY: ClassVar[int] = 4
     count: int
+    events: str  # e.g. "QueryBlocked=950,UpstreamFailed=3"
 
     def message(self) -> str:
-        return f"{self.count} more blocked queries were not logged one by one (rate limit)"
+        return f"{self.count} more per-query records were not logged one by one ({self.events})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +71,7 @@ class QueryRefused(Event):
     """A query refused before policy: several questions, bad class or opcode, garbage."""
 
     MESSAGE_ID: ClassVar[str] = "5b0e0ec3b8a14b7c9d3e55a4f0c6a1b2"
+    PER_QUERY: ClassVar[bool] = True
     PRIORITY: ClassVar[int] = 5
     profile: str
     reason: str
@@ -78,6 +84,7 @@ class QueryRefused(Event):
 @dataclass(frozen=True, slots=True)
 class GrantFailed(Event):
     MESSAGE_ID: ClassVar[str] = "8f3c2d1e6b5a4c3d9e8f7a6b5c4d3e2f"
+    PER_QUERY: ClassVar[bool] = True
     PRIORITY: ClassVar[int] = 3  # err
     profile: str
     qname: str
@@ -90,6 +97,7 @@ class GrantFailed(Event):
 @dataclass(frozen=True, slots=True)
 class UpstreamFailed(Event):
     MESSAGE_ID: ClassVar[str] = "2a7b9c0d1e2f4a5b8c9d0e1f2a3b4c5d"
+    PER_QUERY: ClassVar[bool] = True
     PRIORITY: ClassVar[int] = 4  # warning
     profile: str
     qname: str

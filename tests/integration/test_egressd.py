@@ -520,3 +520,20 @@ def test_uninstall_removes_exactly_what_egressd_added(lab: Lab) -> None:
     assert sets == ["foreign"], sets
     # And the agent is free again (uninstall is the explicit opt-out).
     assert lab.agent("connect", "203.0.113.66", 80)["ok"]
+
+
+def test_a_flood_of_blocked_names_is_summarised_not_logged_one_by_one(lab: Lab) -> None:
+    lab.dns.set(BASIC)
+    d = start(lab, write_config(lab, ["ok.test"]))
+    names = [f"flood{i}.blocked.example" for i in range(600)]
+    started = time.monotonic()
+    r = lab.agent("many", json.dumps(names), "--workers=32", timeout=120)
+    elapsed = time.monotonic() - started
+    assert r["n_ok"] == 0
+    unlogged = wait_until(lambda: events(d, "Unlogged"), 5)
+    assert unlogged, d.stderr_text()[-2000:]
+    logged = len(events(d, "QueryBlocked"))
+    skipped = sum(int(e["EGRESSD_COUNT"]) for e in unlogged)
+    assert logged <= 200 + 50 * (elapsed + 2), logged  # burst + rate
+    assert logged + skipped >= 600  # every blocked query was either logged or counted
+    assert lab.agent("resolve", "ok.test", "4")["ok"]  # and egressd still answers

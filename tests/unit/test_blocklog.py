@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from egressd.blocklog import BlockLog
-from egressd.events import BlockedUnlogged, Event, QueryBlocked, Reloaded
+from egressd.events import Event, QueryBlocked, QueryRefused, Reloaded, Unlogged
 
 
 def blocked(i: int) -> QueryBlocked:
@@ -30,11 +30,12 @@ def test_burst_passes_then_excess_is_counted_and_summarised() -> None:
     assert log.unlogged == 7
     log(Reloaded("/etc/egressd/egressd.toml", "abc"))  # never rate-limited
     assert isinstance(seen[-1], Reloaded)
+    log(QueryRefused("agent", "2 questions"))  # also per query: counted with the rest
     log.flush()
-    assert seen[-1] == BlockedUnlogged(7)
-    assert log.unlogged == 0 and log.unlogged_total == 7
+    assert seen[-1] == Unlogged(8, "QueryBlocked=7,QueryRefused=1")
+    assert log.unlogged == 0 and log.unlogged_total == 8
     log.flush()  # nothing new: no empty summary
-    assert seen[-1] == BlockedUnlogged(7) and len(seen) == 7
+    assert seen[-1] == Unlogged(8, "QueryBlocked=7,QueryRefused=1") and len(seen) == 7
 
 
 def test_tokens_refill_with_time() -> None:
