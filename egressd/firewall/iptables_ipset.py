@@ -9,6 +9,8 @@ AsyncIPSet inside the event loop, never through an ``ipset`` subprocess on the h
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
 import socket
 from collections import defaultdict
@@ -30,6 +32,11 @@ from . import rules
 from .base import Found
 
 SET_PREFIX = "egressd-"
+RESIZE_SUFFIX = "-new"  # "egressd-" + 15-char profile + "-v4" + this = 30 <= 31 characters
+# The sets' default entry timeout. Every add passes its own timeout, so this never decides a
+# grant; it is a constant so that changing the grant settings never changes a set's
+# parameters (ipset refuses to "create" an existing set with other parameters).
+SET_TIMEOUT = 300
 IPSET_ERR_HASH_FULL = 4352  # IPSET_ERR_TYPE_SPECIFIC: the hash types use it for "set is full"
 _ADDR_ATTR = {4: "IPSET_ATTR_IPADDR_IPV4", 6: "IPSET_ATTR_IPADDR_IPV6"}
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
@@ -80,45 +87,95 @@ class IptablesIpset:
 
     # --- sets ------------------------------------------------------------------------------
 
-    async def _ensure_set(
-        self, name: str, family: int, maxelem: int, timeout: int
-    ) -> list[tuple[str, int]]:
+    async def _ensure_set(self, name: str, family: int, maxelem: int) -> list[tuple[str, int]]:
+        """Create the set, or take over the one a previous run left (and its grants)."""
         ipset = await self._sets()
-        try:
-            await ipset.create(
-                name,
-                stype="hash:ip",
-                family=_AF[family],
-                exclusive=False,
-                maxelem=maxelem,
-                timeout=timeout,
+        found = await self._inspect(name)
+        if found is None:
+            try:
+                await ipset.create(
+                    name,
+                    stype="hash:ip",
+                    family=_AF[family],
+                    exclusive=True,
+                    maxelem=maxelem,
+                    timeout=SET_TIMEOUT,
+                )
+            except NetlinkError as err:
+                raise FirewallError(f"ipset create {name} failed: {err}") from err
+            return []
+        header, entries = found
+        if header != ("hash:ip", _AF[family], header[2], True):
+            raise FirewallError(
+                f"set {name} exists but is not a hash:ip set of IPv{family} with timeouts; "
+                "remove it (egressd uninstall) and start again"
             )
-        except NetlinkError as err:
-            raise FirewallError(f"ipset create {name} failed: {err}") from err
-        return await self._entries(name)
+        if header[2] != maxelem:
+            await self._resize(name, family, maxelem, entries)
+        return entries
 
-    async def _entries(self, name: str) -> list[tuple[str, int]]:
+    async def _inspect(
+        self, name: str
+    ) -> tuple[tuple[str, int, int, bool], list[tuple[str, int]]] | None:
+        """(type, family, maxelem, has timeouts) and the (ip, seconds left) entries of a set."""
         ipset = await self._sets()
-        found: list[tuple[str, int]] = []
+        header: tuple[str, int, int, bool] | None = None
+        entries: list[tuple[str, int]] = []
         try:
             async for msg in await ipset.list(name=name):
-                if msg.get_attr("IPSET_ATTR_TYPENAME") not in (None, "hash:ip"):
-                    raise FirewallError(
-                        f"set {name} exists with type {msg.get_attr('IPSET_ATTR_TYPENAME')}; "
-                        "remove it (egressd uninstall) and start again"
+                data = msg.get_attr("IPSET_ATTR_DATA")
+                if header is None and data is not None:
+                    header = (
+                        msg.get_attr("IPSET_ATTR_TYPENAME"),
+                        msg.get_attr("IPSET_ATTR_FAMILY"),
+                        data.get_attr("IPSET_ATTR_MAXELEM"),
+                        data.get_attr("IPSET_ATTR_TIMEOUT") is not None,
                     )
                 adt = msg.get_attr("IPSET_ATTR_ADT")
-                if not adt:
-                    continue
-                for data in adt.get_attrs("IPSET_ATTR_DATA"):
-                    ip_attr = data.get_attr("IPSET_ATTR_IP_FROM")
+                for entry in adt.get_attrs("IPSET_ATTR_DATA") if adt else ():
+                    ip_attr = entry.get_attr("IPSET_ATTR_IP_FROM")
                     ip = ip_attr.get_attr("IPSET_ATTR_IPADDR_IPV4") or ip_attr.get_attr(
                         "IPSET_ATTR_IPADDR_IPV6"
                     )
-                    found.append((ip, int(data.get_attr("IPSET_ATTR_TIMEOUT") or 0)))
+                    entries.append((ip, int(entry.get_attr("IPSET_ATTR_TIMEOUT") or 0)))
         except NetlinkError as err:
+            if err.code == errno.ENOENT:
+                return None
             raise FirewallError(f"ipset list {name} failed: {err}") from err
-        return found
+        if header is None:
+            return None
+        return header, entries
+
+    async def _resize(
+        self, name: str, family: int, maxelem: int, entries: list[tuple[str, int]]
+    ) -> None:
+        """ipset cannot change maxelem in place: fill a new set, swap it in, drop the old.
+
+        The swap is atomic and rules refer to the set by name, so the users never see a set
+        without their grants.
+        """
+        if len(entries) > maxelem:
+            raise FirewallError(
+                f"set {name} holds {len(entries)} grants, more than the new maxelem {maxelem}"
+            )
+        ipset = await self._sets()
+        tmp = name + RESIZE_SUFFIX
+        with contextlib.suppress(NetlinkError):
+            await ipset.destroy(tmp)  # left over from an interrupted resize
+        try:
+            await ipset.create(
+                tmp,
+                stype="hash:ip",
+                family=_AF[family],
+                exclusive=True,
+                maxelem=maxelem,
+                timeout=SET_TIMEOUT,
+            )
+            await self.allow([Write(tmp, family, ip, max(left, 1)) for ip, left in entries])
+            await ipset.swap(tmp, name)
+            await ipset.destroy(tmp)
+        except NetlinkError as err:
+            raise FirewallError(f"resizing set {name} to maxelem {maxelem} failed: {err}") from err
 
     async def _set_names(self) -> list[str]:
         ipset = await self._sets()
@@ -250,7 +307,7 @@ class IptablesIpset:
             # Sets first: the rules reference them.
             for p in policy.config.profiles:
                 for family, name in ((4, p.set4), (6, p.set6)):
-                    found[name] = await self._ensure_set(name, family, g.maxelem, g.floor + g.grace)
+                    found[name] = await self._ensure_set(name, family, g.maxelem)
             for family in self.families:
                 await self._apply(policy, family)
             wanted_sets = set(found)

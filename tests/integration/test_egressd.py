@@ -537,3 +537,33 @@ def test_a_flood_of_blocked_names_is_summarised_not_logged_one_by_one(lab: Lab) 
     assert logged <= 200 + 50 * (elapsed + 2), logged  # burst + rate
     assert logged + skipped >= 600  # every blocked query was either logged or counted
     assert lab.agent("resolve", "ok.test", "4")["ok"]  # and egressd still answers
+
+
+def test_changed_grant_settings_and_maxelem_keep_the_sets_and_their_grants(lab: Lab) -> None:
+    lab.dns.set(BASIC)
+    config = write_config(lab, ["ok.test"], grants="maxelem = 1024")
+    d = start(lab, config)
+    assert lab.agent("resolve", "ok.test", "4")["ok"]
+    assert d.stop() == 0
+
+    # Another floor and grace (the sets' own parameters never depend on them) and a bigger
+    # set: a restart takes the sets over, resized, with the grant still in place.
+    config.write_text(
+        config.read_text().replace("maxelem = 1024", "maxelem = 4096\nfloor = 100\ngrace = 5")
+    )
+    d = start(lab, config)
+    header = lab.netns_exec("host", ["ipset", "list", "-t", "egressd-agent-v4"]).stdout
+    assert "maxelem 4096" in header, header
+    assert "203.0.113.10" in ipset_members(lab, "egressd-agent-v4")
+    assert lab.agent("connect", "203.0.113.10", 80)["ok"]
+
+    # And on reload.
+    config.write_text(config.read_text().replace("maxelem = 4096", "maxelem = 2048"))
+    d.signal(signal.SIGHUP)
+    assert wait_until(lambda: events(d, "Reloaded"), 10), d.stderr_text()
+    header = lab.netns_exec("host", ["ipset", "list", "-t", "egressd-agent-v4"]).stdout
+    assert "maxelem 2048" in header, header
+    assert "203.0.113.10" in ipset_members(lab, "egressd-agent-v4")
+    assert lab.agent("connect", "203.0.113.10", 80)["ok"]
+    sets = lab.netns_exec("host", ["ipset", "list", "-n"]).stdout.split()
+    assert sorted(sets) == ["egressd-agent-v4", "egressd-agent-v6"], sets
