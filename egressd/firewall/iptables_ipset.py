@@ -248,14 +248,27 @@ class IptablesIpset:
 
     # --- rules -----------------------------------------------------------------------------
 
-    async def _missing_jumps(self, family: int) -> list[tuple[str, str]]:
+    async def _jumps(self, family: int) -> tuple[list[tuple[str, str]], dict[tuple[str, str], int]]:
+        """Which OUTPUT jumps are missing, and which are not (only) the first rule.
+
+        A foreign rule above egressd's jump (an ACCEPT, say) would let the users out, so
+        egressd's jump must be the first rule of OUTPUT in both tables.
+        """
         tool = _TOOLS[family][0]
-        missing = []
+        missing: list[tuple[str, str]] = []
+        stale: dict[tuple[str, str], int] = {}
         for table, chain in rules.JUMPS:
-            rc, _, _ = await _run([tool, "-w", "-t", table, "-C", "OUTPUT", "-j", chain])
+            rc, out, err = await _run([tool, "-w", "-t", table, "-S", "OUTPUT"])
             if rc != 0:
+                raise FirewallError(f"{tool} -t {table} -S OUTPUT failed: {err.strip()}")
+            lines = [ln for ln in out.splitlines() if ln.startswith("-A OUTPUT")]
+            jump = f"-A OUTPUT -j {chain}"
+            copies = lines.count(jump)
+            if copies == 0:
                 missing.append((table, chain))
-        return missing
+            elif lines[0] != jump or copies > 1:
+                stale[(table, chain)] = copies
+        return missing, stale
 
     async def _chains(self, family: int, table: str) -> tuple[list[str], list[str]]:
         """egressd's chains in a table, and the OUTPUT rules jumping to them."""
@@ -279,11 +292,13 @@ class IptablesIpset:
     async def _apply(self, policy: Policy, family: int) -> None:
         profiles = policy.config.profiles
         fam = rules.V4 if family == 4 else rules.V6
+        missing, stale = await self._jumps(family)
         text = rules.render(
             profiles,
             fam,
             log_rejects=policy.config.daemon.log_rejects,
-            missing_jumps=await self._missing_jumps(family),
+            missing_jumps=missing,
+            stale_jumps=stale,
         )
         restore = _TOOLS[family][1]
         rc, _, err = await _run([restore, "-w", "--noflush"], stdin=text)
@@ -334,29 +349,32 @@ class IptablesIpset:
                     if name not in present:
                         problems.append(f"set {name} missing")
             for family in self.families:
-                wanted = rules.chains(policy.config.profiles)
-                for table, chain in rules.JUMPS:
-                    chains, jumps = await self._chains(family, table)
-                    if not set(wanted[table]) <= set(chains):
-                        problems.append(f"IPv{family} {table} chains missing")
-                    tool = _TOOLS[family][0]
-                    rc, out, _ = await _run([tool, "-w", "-t", table, "-S", "OUTPUT"])
-                    lines = [ln for ln in out.splitlines() if ln.startswith("-A OUTPUT")]
-                    if not lines or lines[0] != f"-A OUTPUT -j {chain}":
-                        problems.append(f"IPv{family} {table} OUTPUT jump to {chain} not first")
-                        # Remove every copy; _apply inserts one at the top.
-                        while (await _run([tool, "-w", "-t", table, "-D", "OUTPUT", "-j", chain]))[
-                            0
-                        ] == 0:
-                            pass
-                rc, out, _ = await _run(
-                    [_TOOLS[family][0], "-w", "-t", "filter", "-S", rules.FILTER_CHAIN]
-                )
-                expected_jumps = sum(len(p.uids) for p in policy.config.profiles)
-                if rc != 0 or out.count("--uid-owner") < expected_jumps:
-                    problems.append(f"IPv{family} {rules.FILTER_CHAIN} incomplete")
+                problems += await self._rule_problems(policy, family)
         if problems:
             await self.install(policy)
+        return problems
+
+    async def _rule_problems(self, policy: Policy, family: int) -> list[str]:
+        fam = rules.V4 if family == 4 else rules.V6
+        expected = rules.rule_counts(
+            rules.render(policy.config.profiles, fam, log_rejects=policy.config.daemon.log_rejects)
+        )
+        tool = _TOOLS[family][0]
+        actual: dict[str, int] = {}
+        for table in ("filter", "nat"):
+            rc, out, err = await _run([tool, "-w", "-t", table, "-S"])
+            if rc != 0:
+                raise FirewallError(f"{tool} -t {table} -S failed: {err.strip()}")
+            for chain, n in rules.rule_counts(out).items():
+                actual[chain] = actual.get(chain, 0) + n
+        problems = [
+            f"IPv{family} chain {chain} has {actual.get(chain, 0)} of its {n} rules"
+            for chain, n in sorted(expected.items())
+            if actual.get(chain, 0) != n
+        ]
+        missing, stale = await self._jumps(family)
+        problems += [f"IPv{family} {t} OUTPUT jump to {c} missing" for t, c in missing]
+        problems += [f"IPv{family} {t} OUTPUT jump to {c} not first" for t, c in stale]
         return problems
 
     async def uninstall(self) -> None:

@@ -8,8 +8,9 @@ when missing (the caller checks), so applying twice changes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from ..config import Profile
 
@@ -91,12 +92,26 @@ def render(
     *,
     log_rejects: bool = True,
     missing_jumps: Sequence[tuple[str, str]] = (),
+    stale_jumps: Mapping[tuple[str, str], int] = MappingProxyType({}),
 ) -> str:
-    """The iptables-restore --noflush input for one family."""
+    """The iptables-restore --noflush input for one family.
+
+    ``missing_jumps`` are inserted at the top of OUTPUT. ``stale_jumps`` maps a jump that
+    exists but is not (only) the first OUTPUT rule to its number of copies: they are all
+    deleted and one is inserted at the top, in the same transaction, so there is no moment
+    without the jump.
+    """
+
+    def jump(table: str, chain: str) -> list[str]:
+        copies = stale_jumps.get((table, chain), 0)
+        lines = [f"-D OUTPUT -j {chain}"] * copies
+        if copies or (table, chain) in missing_jumps:
+            lines.append(f"-I OUTPUT 1 -j {chain}")
+        return lines
+
     out = ["*filter", f":{FILTER_CHAIN} - [0:0]"]
     out += [f":{profile_chain(p)} - [0:0]" for p in profiles]
-    if ("filter", FILTER_CHAIN) in missing_jumps:
-        out.append(f"-I OUTPUT 1 -j {FILTER_CHAIN}")
+    out += jump("filter", FILTER_CHAIN)
     for p in profiles:
         for uid in p.uids:
             out.append(f"-A {FILTER_CHAIN} -m owner --uid-owner {uid} -j {profile_chain(p)}")
@@ -105,8 +120,7 @@ def render(
     out.append("COMMIT")
 
     out += ["*nat", f":{NAT_CHAIN} - [0:0]"]
-    if ("nat", NAT_CHAIN) in missing_jumps:
-        out.append(f"-I OUTPUT 1 -j {NAT_CHAIN}")
+    out += jump("nat", NAT_CHAIN)
     for p in profiles:
         for uid in p.uids:
             for proto in ("udp", "tcp"):
@@ -117,6 +131,16 @@ def render(
                 )
     out.append("COMMIT")
     return "\n".join(out) + "\n"
+
+
+def rule_counts(text: str) -> dict[str, int]:
+    """How many rules each chain gets from a render (what verify expects to find)."""
+    counts: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if parts[:1] == ["-A"] and parts[1].startswith(CHAIN_PREFIX):
+            counts[parts[1]] = counts.get(parts[1], 0) + 1
+    return counts
 
 
 def chains(profiles: Sequence[Profile]) -> dict[str, set[str]]:

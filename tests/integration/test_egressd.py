@@ -485,23 +485,58 @@ def test_one_line_form_and_min_ttl(lab: Lab) -> None:
     assert lab.agent("connect", "203.0.113.60", 80)["ok"]
 
 
-def test_self_healing_after_a_flush(lab: Lab) -> None:
+def output_rules(lab: Lab, table: str = "filter", tool: str = "iptables") -> list[str]:
+    out = lab.netns_exec("host", [tool, "-t", table, "-S", "OUTPUT"]).stdout
+    return [ln for ln in out.splitlines() if ln.startswith("-A OUTPUT")]
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        # another tool flushes egressd's chains and drops its jump, adding its own rule
+        [
+            ["iptables", "-F", "EGRESSD-OUTPUT"],
+            ["iptables", "-D", "OUTPUT", "-j", "EGRESSD-OUTPUT"],
+            ["iptables", "-I", "OUTPUT", "1", "-j", "ACCEPT"],
+        ],
+        # a profile chain emptied: the jump into it would fall through to ACCEPT
+        [["iptables", "-F", "EGRESSD-P-agent"], ["ip6tables", "-F", "EGRESSD-P-agent"]],
+        # a foreign ACCEPT inserted above egressd's jump, in filter and nat
+        [
+            ["iptables", "-I", "OUTPUT", "1", "-j", "ACCEPT"],
+            ["iptables", "-t", "nat", "-I", "OUTPUT", "1", "-j", "ACCEPT"],
+        ],
+        # the redirect gone
+        [["iptables", "-t", "nat", "-F", "EGRESSD-DNS"]],
+        # a set destroyed (after its rules are gone, as `iptables -F` + `ipset destroy` do)
+        [["iptables", "-F", "EGRESSD-P-agent"], ["ipset", "destroy", "egressd-agent-v4"]],
+    ],
+    ids=["flush-and-unjump", "empty-profile-chain", "foreign-rule-first", "no-redirect", "set"],
+)
+def test_self_healing_after_tampering(lab: Lab, tamper: list[list[str]]) -> None:
     lab.dns.set(BASIC)
     d = start(lab, write_config(lab, ["ok.test"]))
+    before = {t: lab.netns_exec("host", [t]).stdout for t in ("iptables-save", "ip6tables-save")}
     assert lab.agent("resolve", "ok.test", "4")["ok"]
-    lab.netns_exec("host", ["iptables", "-F", "EGRESSD-OUTPUT"])
-    lab.netns_exec("host", ["iptables", "-D", "OUTPUT", "-j", "EGRESSD-OUTPUT"])
-    lab.netns_exec("host", ["iptables", "-I", "OUTPUT", "1", "-j", "ACCEPT"])  # a foreign rule
+    for cmd in tamper:
+        lab.netns_exec("host", cmd)
     repaired = wait_until(lambda: events(d, "Repaired"), 10)
     assert repaired, d.stderr_text()
-    first = [
-        ln
-        for ln in lab.netns_exec("host", ["iptables", "-S", "OUTPUT"]).stdout.splitlines()
-        if ln.startswith("-A OUTPUT")
-    ][0]
-    assert first == "-A OUTPUT -j EGRESSD-OUTPUT"
+    for table, chain in (("filter", "EGRESSD-OUTPUT"), ("nat", "EGRESSD-DNS")):
+        rules = output_rules(lab, table)
+        assert rules[0] == f"-A OUTPUT -j {chain}", rules
+        assert rules.count(f"-A OUTPUT -j {chain}") == 1, rules
+    for tool in ("iptables-save", "ip6tables-save"):
+        after = lab.netns_exec("host", [tool]).stdout
+        egressd_lines = sorted(ln for ln in after.splitlines() if "EGRESSD" in ln)
+        assert egressd_lines == sorted(ln for ln in before[tool].splitlines() if "EGRESSD" in ln), (
+            tool
+        )
     assert not lab.agent("connect", "203.0.113.66", 80, 3)["ok"]
+    assert lab.agent("resolve", "ok.test", "4")["ok"]  # grants written again where lost
     assert lab.agent("connect", "203.0.113.10", 80)["ok"]
+    assert lab.agent("resolve", "blocked.test", "4")["gaierror"] == "EAI_NONAME"
+    assert lab.rogue.queries() == []
 
 
 def test_uninstall_removes_exactly_what_egressd_added(lab: Lab) -> None:

@@ -220,6 +220,27 @@ def test_missing_jumps_insert_at_the_top() -> None:
     assert "-I OUTPUT" not in render(PROFILES, V4)
 
 
+def test_stale_jumps_are_replaced_by_one_at_the_top_in_one_transaction() -> None:
+    text = render(PROFILES, V4, stale_jumps={("filter", FILTER_CHAIN): 2})
+    filt = table(text, "filter")
+    deletes = [i for i, ln in enumerate(filt) if ln == f"-D OUTPUT -j {FILTER_CHAIN}"]
+    insert = filt.index(f"-I OUTPUT 1 -j {FILTER_CHAIN}")
+    # Both copies deleted, then one inserted, all in the filter table's one transaction.
+    assert len(deletes) == 2 and max(deletes) < insert
+    assert "-D OUTPUT" not in "\n".join(table(text, "nat"))
+
+
+def test_rule_counts_of_a_render_and_of_iptables_save_agree() -> None:
+    text = render(PROFILES, V4, missing_jumps=ALL_JUMPS)
+    counts = rules.rule_counts(text)
+    assert set(counts) == {FILTER_CHAIN, NAT_CHAIN, *(f"EGRESSD-P-{p.name}" for p in PROFILES)}
+    assert counts[FILTER_CHAIN] == sum(len(p.uids) for p in PROFILES)
+    assert counts[NAT_CHAIN] == 2 * sum(len(p.uids) for p in PROFILES)
+    # OUTPUT's own rules and foreign chains are not egressd's to count.
+    saved = "-A OUTPUT -j EGRESSD-OUTPUT\n-A DOCKER -j RETURN\n-A EGRESSD-DNS -j RETURN\n"
+    assert rules.rule_counts(saved) == {"EGRESSD-DNS": 1}
+
+
 def test_no_log_rule_without_log_rejects() -> None:
     assert " LOG " not in render(PROFILES, V4, log_rejects=False)
     assert " LOG " in render(PROFILES, V4)
