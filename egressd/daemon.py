@@ -74,6 +74,9 @@ class Daemon:
         self.listeners: dict[int, Listener] = {}
         self.ref: PolicyRef | None = None
         self.pipeline: Pipeline | None = None
+        # Reload and verify both (re)apply rules: one at a time, or a verify that started
+        # before a reload could put the old policy's rules back after it.
+        self._apply_lock = asyncio.Lock()
         self._reload = asyncio.Event()
         self._stop = asyncio.Event()
         self._stop_reason = "SIGTERM"
@@ -139,7 +142,8 @@ class Daemon:
                 stop_wait.cancel()
                 if self._reload.is_set() and not self._stop.is_set():
                     self._reload.clear()
-                    await self.reload()
+                    async with self._apply_lock:
+                        await self.reload()
         finally:
             self.blocklog.flush()
             sdnotify.stopping(f"stopping ({self._stop_reason}); rules stay in place")
@@ -276,24 +280,31 @@ class Daemon:
         last_verify = last_prune = time.monotonic()
         while True:
             await asyncio.sleep(1.0)
-            self.blocklog.flush()
-            self.stats.blocked_unlogged = self.blocklog.unlogged_total
-            now = time.monotonic()
-            if now - last_prune >= PRUNE_INTERVAL:
-                self.ledger.prune(now)
-                last_prune = now
-            interval = self.ref.policy.config.daemon.verify_interval
-            if interval > 0 and now - last_verify >= interval:
-                last_verify = now
-                policy = self.ref.policy
-                try:
-                    problems = await self.firewall.verify(policy)
-                except FirewallError as err:
-                    self.report(Error("firewall verify", str(err)))
-                    continue
-                if problems:
-                    self.stats.repairs += 1
-                    if any(p.startswith("set ") for p in problems):
-                        # A re-created set is empty: grants must be written again.
-                        self.ledger.forget()
-                    self.report(Repaired("; ".join(problems)))
+            try:
+                self.blocklog.flush()
+                self.stats.blocked_unlogged = self.blocklog.unlogged_total
+                now = time.monotonic()
+                if now - last_prune >= PRUNE_INTERVAL:
+                    self.ledger.prune(now)
+                    last_prune = now
+                interval = self.ref.policy.config.daemon.verify_interval
+                if interval > 0 and now - last_verify >= interval:
+                    last_verify = now
+                    async with self._apply_lock:
+                        await self._verify()
+            except Exception as err:  # noqa: BLE001 - keep maintaining; say what went wrong
+                self.report(Error("maintenance", f"{type(err).__name__}: {err}"))
+
+    async def _verify(self) -> None:
+        assert self.ref is not None
+        try:
+            problems = await self.firewall.verify(self.ref.policy)
+        except FirewallError as err:
+            self.report(Error("firewall verify", str(err)))
+            return
+        if problems:
+            self.stats.repairs += 1
+            if any(p.startswith("set ") for p in problems):
+                # A re-created set is empty: grants must be written again.
+                self.ledger.forget()
+            self.report(Repaired("; ".join(problems)))
