@@ -176,3 +176,15 @@ def test_messages_mention_the_essentials() -> None:
 def test_base_event_has_no_message() -> None:
     with pytest.raises(NotImplementedError):
         Event().message()
+
+
+def test_every_event_type_is_documented_with_its_message_id() -> None:
+    import inspect
+    from pathlib import Path
+
+    from egressd import events
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "journal.md").read_text()
+    for name, cls in inspect.getmembers(events, inspect.isclass):
+        if issubclass(cls, events.Event) and cls is not events.Event:
+            assert f"| {name} | `{cls.MESSAGE_ID}` |" in doc, name
