@@ -40,6 +40,7 @@ from .upstream import UpstreamResolver
 UNPRIVILEGED_PORT_START = "/proc/sys/net/ipv4/ip_unprivileged_port_start"
 STOP_GRACE = 2.0  # seconds in-flight queries get to finish on SIGTERM
 PRUNE_INTERVAL = 60.0
+STATUS_INTERVAL = 10.0
 
 
 def check_ports(config: Config, path: str = UNPRIVILEGED_PORT_START) -> None:
@@ -277,13 +278,16 @@ class Daemon:
     async def _maintain(self) -> None:
         """Prune the ledger and check (and repair) the firewall state now and then."""
         assert self.ref is not None
-        last_verify = last_prune = time.monotonic()
+        last_verify = last_prune = last_status = time.monotonic()
         while True:
             await asyncio.sleep(1.0)
             try:
                 self.blocklog.flush()
                 self.stats.blocked_unlogged = self.blocklog.unlogged_total
                 now = time.monotonic()
+                if now - last_status >= STATUS_INTERVAL:
+                    sdnotify.status(self._status())  # what `systemctl status` shows
+                    last_status = now
                 if now - last_prune >= PRUNE_INTERVAL:
                     self.ledger.prune(now)
                     last_prune = now
