@@ -1,10 +1,11 @@
 #!/bin/sh
 # Install egressd from this checkout on a Debian/Ubuntu host and start it restricting USER.
 #
-#   sudo packaging/install.sh --user agent [--create-user] [--no-start]
+#   packaging/install.sh --user agent [--create-user] [--no-start]     (as root)
 #
 # Installs the Debian packages it needs, a venv in /opt/egressd, /usr/local/sbin/egressd,
-# /etc/egressd (kept if it exists), the systemd unit, and starts the service.
+# /etc/egressd (kept if it exists), the systemd unit (enabled), and starts the service
+# (not with --no-start: then it starts at the next boot).
 set -eu
 
 usage() { echo "usage: $0 --user USER [--create-user] [--no-start]" >&2; exit 2; }
@@ -34,7 +35,8 @@ fi
 
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-apt-get install -y -qq iptables ipset conntrack python3 python3-venv python3-dev \
+# procps: /bin/kill, which the unit's ExecReload runs (not in a minimal Debian).
+apt-get install -y -qq iptables ipset conntrack procps python3 python3-venv python3-dev \
   gcc pkg-config libsystemd-dev >/dev/null
 
 python3 -m venv "$PREFIX"
@@ -52,11 +54,18 @@ fi
 egressd check-config --config /etc/egressd/egressd.toml
 
 install -m 0644 "$SRC/systemd/egressd.service" /etc/systemd/system/egressd.service
-[ "$START" = 1 ] || exit 0
+# The unit's Documentation= points here.
+install -D -m 0644 "$SRC/README.md" /usr/share/doc/egressd/README.md
+install -D -m 0644 -t /usr/share/doc/egressd/docs "$SRC"/docs/*.md
+# Enabled even with --no-start (this works offline too, e.g. in a chroot or an image
+# build), so the next boot starts egressd before anyone can log in.
+if command -v systemctl >/dev/null 2>&1; then
+  [ ! -d /run/systemd/system ] || systemctl daemon-reload
+  systemctl enable --quiet egressd.service
+fi
+[ "$START" = 1 ] || { echo "install.sh: installed and enabled; not started (--no-start)"; exit 0; }
 
 if [ -d /run/systemd/system ]; then
-  systemctl daemon-reload
-  systemctl enable egressd.service
   systemctl restart egressd.service
   systemctl is-active --quiet egressd.service
   echo "install.sh: egressd is running; $USER_NAME is restricted. Follow it with: journalctl -u egressd -f"

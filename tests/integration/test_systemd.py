@@ -1,0 +1,473 @@
+"""egressd under a real systemd: the README's set-up path and the unit, end to end.
+
+What it does (once per module, see rootfs.py for the details):
+1. Build: debootstrap a minbase Debian 12 root in a temp dir, copy this checkout into it and
+   run `packaging/install.sh --user agent --create-user --no-start` there with chroot —
+   the README's set-up on a fresh Debian, except that nothing is started. This is the only
+   step with network access (Debian's mirror, PyPI). A failed build FAILS the tests (with
+   the log), it never skips them.
+2. Boot: point the root's /etc/resolv.conf at the lab's fake DNS (so egressd's default
+   upstream is the lab), then `systemd-nspawn --boot` it joined to a fresh lab network
+   namespace (lab.py). systemd is PID 1 of the container only; it starts the unit that
+   install.sh enabled, and every rule egressd installs lands in the lab's namespace.
+3. The tests drive it from outside: `nsenter` into the container for systemctl, journalctl,
+   iptables and the agent (agent.py as user `agent` via setpriv, no capabilities).
+
+Each test sets up what it needs and puts back what it changes (config files, a stopped
+service), so they pass in any order and alone.
+
+Why it is safe on a shared machine: systemd never runs on the machine's own root (only as
+PID 1 of the container, on the temp root); the container never sees the machine's network
+(only the lab namespace), nspawn registers nothing (--register=no --keep-unit) and changes
+nothing outside the temp root; every mount is made in a private mount namespace; processes
+are ended by pid (poweroff, then SIGKILL); the temp root, the cgroup and the namespaces are
+removed afterwards, also on failure. The module checks this itself: the machine's
+/etc/systemd, /opt, /usr/local/sbin, /run/systemd and its firewall (iptables, ip6tables,
+ipset) are compared before and after, and no mount may be left below the temp dir.
+
+Runs in a few minutes (mostly debootstrap, apt and pip). Leave it out with
+`--deselect tests/integration/test_systemd.py`; EGD_DEBIAN_MIRROR picks another mirror.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lab import INET_V4, ROGUE_ANSWER, ROGUE_V4, Lab
+from rootfs import AGENT_USER, Container, RootfsError, build, mounts_under, prepare_for_lab
+from rootfs import remove_tree as remove_rootfs
+
+pytestmark = pytest.mark.netns
+
+UNIT = "egressd.service"
+MSG_BLOCKED = "0c8d6f0e9a0b4a57a1c4f1a7d4b2e901"  # egressd's QueryBlocked MESSAGE_ID
+MSG_UNIT_STARTED = "39f53479d3a045ac8e11786248231fbf"  # systemd: a start job finished
+CONFIG = "/etc/egressd/egressd.toml"
+PYTHON_LIST = "/etc/egressd/allowlist.d/python.txt"
+
+# The lab's fake authoritative DNS. Names from the default allowlist (etc/egressd/) and
+# others; each test uses its own names and addresses, so grants of one don't help another.
+RECORDS = {
+    "pypi.org.": [["A", "203.0.113.80", 300]],
+    "files.pythonhosted.org.": [["CNAME", "dualstack.python.map.fastly.example.", 300]],
+    "dualstack.python.map.fastly.example.": [["A", "203.0.113.82", 300]],
+    "evil.example.": [["A", "203.0.113.66", 300]],
+    "docs.example.org.": [["A", "203.0.113.81", 300]],
+    "registry.npmjs.org.": [["A", "203.0.113.90", 300]],
+    "registry.yarnpkg.com.": [["A", "203.0.113.91", 300]],
+}
+NEVER_RESOLVED = ("203.0.113.99", "203.0.113.92")
+REQUIRED = ("debootstrap", "systemd-nspawn", "chroot", "unshare", "nsenter")
+
+
+@dataclass
+class Booted:
+    lab: Lab
+    ct: Container
+    root: Path
+    agent_uid: int
+    boot: dict[str, str] = field(default_factory=dict)  # `systemctl show egressd` at boot
+
+
+# --------------------------------------------------------------------------- host guard
+
+
+def _walk(top: str, depth: int | None = None) -> dict[str, tuple[int, int]]:
+    out: dict[str, tuple[int, int]] = {}
+    base = top.rstrip("/").count("/")
+    for dirpath, dirnames, filenames in os.walk(top):
+        if depth is not None and dirpath.count("/") - base >= depth:
+            dirnames[:] = []
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(p)
+            except OSError:
+                continue
+            out[p] = (st.st_mtime_ns, st.st_size)
+    return out
+
+
+def host_snapshot() -> dict[str, Any]:
+    """What a leak of the build or the container would change on the machine."""
+    snap: dict[str, Any] = {
+        "/etc/systemd": _walk("/etc/systemd"),
+        "/opt": _walk("/opt", depth=2),
+        "/usr/local/sbin": _walk("/usr/local/sbin"),
+        "/etc/egressd": _walk("/etc/egressd"),
+        "/run/systemd": sorted(os.listdir("/run/systemd")) if os.path.isdir("/run/systemd")
+        else None,
+    }
+    for cmd in (["iptables", "-S"], ["ip6tables", "-S"], ["ipset", "list", "-n"],
+                ["iptables", "-t", "nat", "-S"]):
+        r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        snap[" ".join(cmd)] = (r.returncode, r.stdout)
+    return snap
+
+
+def snapshot_diff(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    diffs = []
+    for key in before:
+        if before[key] == after[key]:
+            continue
+        if isinstance(before[key], dict):
+            b, a = before[key], after[key]
+            changed = sorted({k for k in b.keys() | a.keys() if b.get(k) != a.get(k)})
+            diffs.append(f"{key}: {changed[:20]}")
+        else:
+            diffs.append(f"{key}: {before[key]!r} -> {after[key]!r}")
+    return diffs
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def _say(request: pytest.FixtureRequest, text: str) -> None:
+    """A line on the terminal, also while output is captured (like capsys.disabled())."""
+    tr = request.config.pluginmanager.getplugin("terminalreporter")
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    if tr is None:
+        return
+    with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
+        tr.write_line(f"[test_systemd] {text}")
+
+
+@pytest.fixture(scope="module")
+def rootfs(netns_session: None, request: pytest.FixtureRequest) -> Iterator[Path]:
+    missing = [t for t in REQUIRED if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"test_systemd needs {', '.join(missing)} (tests/run installs "
+                    f"debootstrap and systemd-container)", pytrace=False)
+    before = host_snapshot()
+    parent = Path(tempfile.mkdtemp(prefix="egd-systemd-"))
+    root = parent / "root"
+    try:
+        started = time.monotonic()
+        failure = None
+        try:
+            times = build(root, parent / "build.log")
+        except RootfsError as err:
+            failure = f"{err}\n(the build dir is kept with EGD_LAB_KEEP=1)"
+        if failure:
+            pytest.fail(failure, pytrace=False)
+        _say(request, f"root built in {time.monotonic() - started:.0f}s ("
+             + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()) + ")")
+        yield root
+    finally:
+        keep = bool(os.environ.get("EGD_LAB_KEEP"))
+        if keep:
+            _say(request, f"kept {parent} (EGD_LAB_KEEP)")
+        else:
+            remove_rootfs(parent)
+        left = mounts_under(parent)
+        assert not left, f"mounts left below {parent}: {left}"
+        diff = snapshot_diff(before, host_snapshot())
+        assert not diff, f"the machine itself changed: {diff}"
+
+
+@pytest.fixture(scope="module")
+def booted(rootfs: Path, request: pytest.FixtureRequest) -> Iterator[Booted]:
+    lab = Lab()
+    ct: Container | None = None
+    try:
+        lab.dns.set(RECORDS)
+        prepare_for_lab(rootfs, INET_V4, "egd-systemd")
+        started = time.monotonic()
+        ct = Container(rootfs, lab.host, rootfs.parent / "nspawn.log")
+        _say(request, f"container booted in {time.monotonic() - started:.1f}s")
+        # The state right after boot, before any test restarted or reloaded anything.
+        _poll(lambda: ct.show(UNIT, "ActiveState")["ActiveState"] != "activating", 30)
+        boot = ct.show(UNIT, "ActiveState", "SubState", "Type", "NotifyAccess",
+                       "WatchdogUSec", "NRestarts", "StatusText", "MainPID", "InvocationID",
+                       "UnitFileState", "ExecMainStartTimestampMonotonic",
+                       "ActiveEnterTimestampMonotonic")
+        uid = int(ct.exec(["id", "-u", AGENT_USER]).stdout)
+        yield Booted(lab, ct, rootfs, uid, boot)
+    finally:
+        try:
+            if ct is not None:
+                ct.close()
+        finally:
+            lab.close()
+
+
+@pytest.fixture
+def env(booted: Booted, request: pytest.FixtureRequest) -> Iterator[Booted]:
+    """The booted container, with egressd running at the start of each test."""
+    ct = booted.ct
+    if ct.show(UNIT, "ActiveState")["ActiveState"] != "active":
+        ct.exec(["systemctl", "reset-failed", UNIT], check=False)
+        ct.exec(["systemctl", "start", UNIT], check=False)
+    yield booted
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        print(ct.diagnostics())
+        print(booted.lab.diagnostics())
+
+
+def _poll(cond: Any, timeout: float, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+def wait_active(ct: Container, timeout: float = 20) -> dict[str, str]:
+    def state() -> dict[str, str] | None:
+        s = ct.show(UNIT, "ActiveState", "SubState", "NRestarts", "MainPID")
+        return s if s["ActiveState"] == "active" and s["SubState"] == "running" else None
+
+    got = _poll(state, timeout)
+    assert got, f"egressd not active again within {timeout}s: {ct.show(UNIT, 'ActiveState')}"
+    return got
+
+
+def egressd_rules(ct: Container) -> str:
+    return ct.exec(["iptables", "-S"]).stdout
+
+
+# --------------------------------------------------------------------------- 1 boot
+
+
+def test_boot_starts_the_enabled_unit_as_a_notify_service_with_watchdog(env: Booted) -> None:
+    ct, boot = env.ct, env.boot
+    # install.sh --no-start enabled it; booting started it, and it never needed a restart.
+    assert boot["UnitFileState"] == "enabled", boot
+    assert boot["ActiveState"] == "active" and boot["SubState"] == "running", boot
+    assert boot["NRestarts"] == "0", boot
+    assert boot["Type"] == "notify" and boot["NotifyAccess"] == "main", boot
+    assert boot["WatchdogUSec"] not in ("0", "infinity", ""), boot
+    # STATUS= comes in the same datagram as READY=1 (sdnotify.ready).
+    assert boot["StatusText"].startswith("1 profile(s), policy "), boot
+    # Active only once egressd said READY=1: systemd's "Started" comes after egressd's own
+    # "serving on" record, well after the process was spawned (Type=simple: the same µs).
+    inv = boot["InvocationID"]
+    serving = [r for r in ct.journal("EGRESSD_EVENT=Started")
+               if r.get("_SYSTEMD_INVOCATION_ID") == inv]
+    done = [r for r in ct.journal(f"MESSAGE_ID={MSG_UNIT_STARTED}", unit=None)
+            if r.get("INVOCATION_ID") == inv and r.get("UNIT") == UNIT]
+    assert serving and done, (serving, done)
+    assert int(serving[0]["__MONOTONIC_TIMESTAMP"]) <= int(done[0]["__MONOTONIC_TIMESTAMP"])
+    spawned = int(boot["ExecMainStartTimestampMonotonic"])
+    active = int(boot["ActiveEnterTimestampMonotonic"])
+    assert active > spawned, boot
+    assert ct.exec(["systemctl", "is-active", UNIT], check=False).stdout.strip() == "active"
+    # What install.sh laid down: the venv, the command, the config for the created user.
+    assert ct.exec(["readlink", "/usr/local/sbin/egressd"]).stdout.strip() == \
+        "/opt/egressd/bin/egressd"
+    assert 'users = ["agent"]' in ct.exec(["cat", CONFIG]).stdout
+    assert ct.exec(["egressd", "check-config", "--config", CONFIG], check=False).returncode == 0
+    # Rules are in the lab namespace the container runs in.
+    rules = egressd_rules(ct)
+    assert "-A OUTPUT -j EGRESSD-OUTPUT" in rules, rules
+    assert f"--uid-owner {env.agent_uid}" in rules, rules
+
+
+# --------------------------------------------------------------------------- 2 the agent
+
+
+def test_agent_reaches_allowlisted_names_only_other_users_unaffected(env: Booted) -> None:
+    ct, lab = env.ct, env.lab
+    assert ct.agent("whoami")["uid"] == env.agent_uid
+
+    r = ct.agent("resolve", "pypi.org", "4")
+    assert r["addrs"] == ["203.0.113.80"], r
+    c = ct.agent("connect", "203.0.113.80", 443)
+    assert c["ok"], c
+    # A CNAME of an allowed name: its target's address is granted too.
+    r = ct.agent("resolve", "files.pythonhosted.org", "4")
+    assert r["addrs"] == ["203.0.113.82"], r
+    assert ct.agent("connect", "203.0.113.82", 443)["ok"]
+    # DNS to any server is answered by egressd (not by the rogue resolver there).
+    q = ct.agent("dnsq", ROGUE_V4, 53, "pypi.org", "A", "udp")
+    assert q["rcode"] == "NOERROR" and [a[2] for a in q["answers"]] == ["203.0.113.80"], q
+    assert lab.rogue.queries() == []
+
+    # Not on the allowlist: NXDOMAIN at once, never asked upstream.
+    b = ct.agent("resolve", "evil.example", "4")
+    assert b["gaierror"] == "EAI_NONAME" and b["elapsed"] < 1.0, b
+    assert lab.dns.queries(qname="evil.example.") == []
+    # An address nobody resolved: rejected at once, not a timeout.
+    never = NEVER_RESOLVED[0]
+    c = ct.agent("connect", never, 443, 10)
+    assert not c["ok"] and c["error"] in ("refused", "reset", "unreachable"), c
+    assert c["elapsed"] < 1.0, c
+    assert lab.echo.connections(dst=never) == []
+
+    # root in the same container: its own resolver, every address.
+    r = ct.agent("resolve", "evil.example", "4", user="root")
+    assert r["addrs"] == ["203.0.113.66"], r
+    assert ct.agent("connect", never, 443, user="root")["ok"]
+    # ...while the agent, at the same moment, is still restricted.
+    assert not ct.agent("connect", never, 443, 3)["ok"]
+
+
+# --------------------------------------------------------------------------- 3 journald
+
+
+def test_blocked_query_is_a_structured_record_in_the_units_journal(env: Booted) -> None:
+    ct = env.ct
+    name = f"c2VjcmV0-{secrets.token_hex(3)}.exfil.example"
+    assert ct.agent("resolve", name, "4")["gaierror"] == "EAI_NONAME"
+    # `journalctl -u egressd EGRESSD_VERDICT=block -o json`, as the README says.
+    recs = [r for r in ct.journal_wait("EGRESSD_VERDICT=block", f"EGRESSD_QNAME={name}")]
+    assert len(recs) == 1, recs
+    rec = recs[0]
+    assert rec["MESSAGE_ID"] == MSG_BLOCKED
+    assert rec["EGRESSD_QTYPE"] == "A" and rec["EGRESSD_PROFILE"] == "agent", rec
+    assert rec["EGRESSD_UIDS"] == str(env.agent_uid), rec
+    assert rec["_SYSTEMD_UNIT"] == UNIT and rec["SYSLOG_IDENTIFIER"] == "egressd", rec
+    assert rec["_TRANSPORT"] == "journal", rec  # native fields, not parsed stdout
+    assert name in rec["MESSAGE"]
+    # And by message id, any unit.
+    assert any(r.get("EGRESSD_QNAME") == name
+               for r in ct.journal(f"MESSAGE_ID={MSG_BLOCKED}", unit=None))
+    assert env.lab.dns.queries(qname=f"{name}.") == []
+    # Allowed queries are not logged.
+    assert ct.agent("resolve", "pypi.org", "4")["ok"]
+    assert ct.journal("EGRESSD_QNAME=pypi.org") == []
+
+
+# --------------------------------------------------------------------------- 4 reload
+
+
+def _events(ct: Container, event: str) -> list[dict[str, Any]]:
+    return ct.journal(f"EGRESSD_EVENT={event}")
+
+
+def _reload(ct: Container, event: str) -> dict[str, Any]:
+    """systemctl reload, then wait for egressd's record: the job returns once `kill -HUP`
+    ran, not when egressd applied the change (Type=notify, not notify-reload)."""
+    before = len(_events(ct, event))
+    r = ct.exec(["systemctl", "reload", UNIT], check=False)
+    assert r.returncode == 0, f"systemctl reload failed: {r.stderr}\n" + "\n".join(
+        x.get("MESSAGE", "") for x in ct.journal()[-6:])
+    got = _poll(lambda: (lambda e: e if len(e) > before else None)(_events(ct, event)), 10)
+    assert got, f"no {event} record after systemctl reload"
+    return got[-1]
+
+
+def test_reload_applies_a_changed_allowlist_and_survives_a_broken_config(env: Booted) -> None:
+    ct = env.ct
+    allowlist = env.root / PYTHON_LIST.lstrip("/")
+    config = env.root / CONFIG.lstrip("/")
+    orig_list, orig_config = allowlist.read_text(), config.read_text()
+    pid = ct.show(UNIT, "MainPID")["MainPID"]
+    restarts = ct.show(UNIT, "NRestarts")["NRestarts"]
+    try:
+        assert ct.agent("resolve", "docs.example.org", "4")["gaierror"] == "EAI_NONAME"
+        allowlist.write_text(orig_list + "docs.example.org\n")
+        _reload(ct, "Reloaded")
+        assert ct.agent("resolve", "docs.example.org", "4")["addrs"] == ["203.0.113.81"]
+        assert ct.agent("connect", "203.0.113.81", 443)["ok"]
+
+        # A key that does not exist: the old policy (with docs.example.org) runs on.
+        broken = orig_config.replace("[grants]\n", "[grants]\nfloorr = 3\n", 1)
+        line = broken.splitlines().index("floorr = 3") + 1
+        config.write_text(broken)
+        failed = _reload(ct, "ReloadFailed")
+        msg = failed["EGRESSD_ERROR"]
+        assert f"{CONFIG}:{line}" in msg and "grants.floorr" in msg, msg
+        assert failed["PRIORITY"] == "3", failed
+        state = ct.show(UNIT, "ActiveState", "SubState", "MainPID", "NRestarts")
+        assert state == {"ActiveState": "active", "SubState": "running", "MainPID": pid,
+                         "NRestarts": restarts}, state
+        assert ct.agent("resolve", "docs.example.org", "4")["addrs"] == ["203.0.113.81"]
+        assert ct.agent("resolve", "evil.example", "4")["gaierror"] == "EAI_NONAME"
+    finally:
+        allowlist.write_text(orig_list)
+        config.write_text(orig_config)
+    _reload(ct, "Reloaded")
+    assert ct.agent("resolve", "docs.example.org", "4")["gaierror"] == "EAI_NONAME"
+
+
+# --------------------------------------------------------------------------- 5 fail closed
+
+
+def test_crash_is_restarted_and_stop_fails_closed(env: Booted) -> None:
+    ct, lab = env.ct, env.lab
+    before = ct.show(UNIT, "NRestarts", "MainPID")
+    never = NEVER_RESOLVED[1]
+    try:
+        # A crash: systemd restarts it (Restart=on-failure, RestartSec=1)...
+        ct.exec(["systemctl", "kill", "-s", "SIGKILL", UNIT])
+        gone = _poll(lambda: ct.show(UNIT, "MainPID")["MainPID"] != before["MainPID"], 5)
+        assert gone, "egressd was not killed"
+        # ...and in between, the rules stay: the agent reaches nothing new.
+        rules = egressd_rules(ct)
+        assert "-A OUTPUT -j EGRESSD-OUTPUT" in rules, rules
+        c = ct.agent("connect", never, 443, 3)
+        assert not c["ok"] and c["error"] != "timeout", c
+        # Those checks ran while no egressd existed (RestartSec=1 leaves a gap).
+        gap = ct.show(UNIT, "MainPID", "SubState")
+        assert gap["MainPID"] == "0", f"checked too late, egressd was back already: {gap}"
+        after = wait_active(ct)
+        assert int(after["NRestarts"]) == int(before["NRestarts"]) + 1, (before, after)
+        assert after["MainPID"] != before["MainPID"]
+        assert ct.agent("resolve", "registry.npmjs.org", "4")["addrs"] == ["203.0.113.90"]
+        assert ct.agent("connect", "203.0.113.90", 443)["ok"]
+        rules = egressd_rules(ct)
+        assert rules.count("-A OUTPUT -j EGRESSD-OUTPUT") == 1, rules  # not duplicated
+
+        # A stop: rules and sets stay, the agent gets no new name and no new address.
+        ct.exec(["systemctl", "stop", UNIT])
+        assert ct.show(UNIT, "ActiveState")["ActiveState"] == "inactive"
+        rules = egressd_rules(ct)
+        assert "-N EGRESSD-OUTPUT" in rules and "-A OUTPUT -j EGRESSD-OUTPUT" in rules, rules
+        nat = ct.exec(["iptables", "-t", "nat", "-S"]).stdout
+        assert "EGRESSD" in nat, nat
+        sets = ct.exec(["ipset", "list", "-n"]).stdout.split()
+        assert "egressd-agent-v4" in sets and "egressd-agent-v6" in sets, sets
+        r = ct.agent("resolve", "registry.yarnpkg.com", "4")
+        assert not r["ok"] and r["elapsed"] < 3, r
+        q = ct.agent("dnsq", INET_V4, 53, "registry.yarnpkg.com", "A", "tcp", "--timeout=2")
+        assert not q["ok"], q
+        q = ct.agent("dnsq", ROGUE_V4, 53, "anything.example", "A", "udp", "--timeout=2")
+        assert not q["ok"] and ROGUE_ANSWER not in str(q), q
+        assert lab.dns.queries(qname="registry.yarnpkg.com.") == []
+        assert lab.rogue.queries() == []
+        for ip in ("203.0.113.91", never):
+            c = ct.agent("connect", ip, 443, 3)
+            assert not c["ok"] and c["error"] != "timeout", c
+        # What was granted before keeps working; other users are not affected.
+        assert ct.agent("connect", "203.0.113.90", 443)["ok"]
+        assert ct.agent("connect", never, 443, user="root")["ok"]
+        stopping = [r for r in _events(ct, "Stopping") if "SIGTERM" in r.get("MESSAGE", "")]
+        assert stopping, "no Stopping record"
+    finally:
+        ct.exec(["systemctl", "start", UNIT], check=False)
+    wait_active(ct)
+    assert ct.agent("resolve", "registry.yarnpkg.com", "4")["addrs"] == ["203.0.113.91"]
+
+
+# --------------------------------------------------------------------------- 6 the unit
+
+
+def test_unit_verifies_and_security_score(env: Booted, capsys: pytest.CaptureFixture[str]
+                                          ) -> None:
+    ct = env.ct
+    # --man=no: the root has no man-db, so Documentation=man:iptables(8) can't be checked.
+    v = ct.exec(["systemd-analyze", "verify", "--man=no", f"/etc/systemd/system/{UNIT}"],
+                check=False)
+    assert v.returncode == 0 and not (v.stdout + v.stderr).strip(), v.stdout + v.stderr
+    s = ct.exec(["systemd-analyze", "security", "--no-pager", UNIT], check=False)
+    m = re.search(r"Overall exposure level for \S+: ([0-9.]+) (\w+)", s.stdout)
+    assert m, s.stdout[-2000:] + s.stderr
+    with capsys.disabled():
+        print(f"\n[test_systemd] systemd-analyze security {UNIT}: {m.group(1)} {m.group(2)}")
+    # Not a target, only a tripwire: an unhardened service scores about 9.6 (UNSAFE).
+    assert float(m.group(1)) < 9.0, s.stdout
