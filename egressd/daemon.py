@@ -175,9 +175,12 @@ class Daemon:
     def _status(self) -> str:
         assert self.ref is not None
         profiles = self.ref.policy.config.profiles
+        s = self.stats
         return (
             f"{len(profiles)} profile(s), policy {self.ref.policy.digest}; "
-            f"{self.stats.queries} queries, {self.stats.blocked} blocked"
+            f"{s.queries} queries, {s.blocked} blocked, {s.refused} refused, "
+            f"{s.malformed} malformed, {s.servfail_upstream + s.servfail_grant} servfail, "
+            f"{s.repairs} repairs"
         )
 
     # --- listeners -------------------------------------------------------------------------
