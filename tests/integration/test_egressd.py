@@ -37,6 +37,8 @@ def write_config(
     grants: str = "",
     daemon: str = "",
     profile: str = "",
+    upstreams: tuple[str, ...] = (INET_V4,),
+    upstream_timeout: float = 1.0,
 ) -> Path:
     """A config + allowlist file in the lab's root-only temp dir."""
     allowlist = lab.tmpdir / f"{name}.allow.txt"
@@ -45,8 +47,8 @@ def write_config(
     path.write_text(
         f"""
 [daemon]
-upstreams = ["{INET_V4}"]
-upstream_timeout = 1.0
+upstreams = {json.dumps(list(upstreams))}
+upstream_timeout = {upstream_timeout}
 verify_interval = 1.0
 {daemon}
 
@@ -602,3 +604,35 @@ def test_changed_grant_settings_and_maxelem_keep_the_sets_and_their_grants(lab: 
     assert lab.agent("connect", "203.0.113.10", 80)["ok"]
     sets = lab.netns_exec("host", ["ipset", "list", "-n"]).stdout.split()
     assert sorted(sets) == ["egressd-agent-v4", "egressd-agent-v6"], sets
+
+
+def test_upstream_failover_and_a_dead_upstream_gives_servfail(lab: Lab) -> None:
+    lab.dns.set(BASIC)
+    # 198.51.100.77 is on the lab's link but nobody answers there: each try times out.
+    dead = "198.51.100.77"
+    d = start(lab, write_config(lab, ["ok.test"], upstreams=(dead, INET_V4), upstream_timeout=0.5))
+    r = lab.agent("dnsq", ROGUE_V4, 53, "ok.test", "A", "udp", "--timeout=5")
+    assert r["rcode"] == "NOERROR" and [a[2] for a in r["answers"]] == ["203.0.113.10"], r
+    assert r["elapsed"] < 2.0, r  # one timed-out try, then the next server
+    assert d.stop() == 0
+
+    d = start(lab, write_config(lab, ["ok.test"], upstreams=(dead,), upstream_timeout=0.5))
+    r = lab.agent("dnsq", ROGUE_V4, 53, "ok.test", "A", "udp", "--edns", "--timeout=10")
+    assert r["rcode"] == "SERVFAIL" and r["answers"] == [], r
+    assert wait_until(lambda: events(d, "UpstreamFailed"), 5)
+
+
+def test_a_full_set_means_servfail_never_an_unreachable_address(lab: Lab) -> None:
+    names = [f"f{i}.full.test" for i in range(1, 131)]
+    lab.dns.set({f"{n}.": [["A", f"203.0.113.{i}", 300]] for i, n in enumerate(names, start=1)})
+    d = start(lab, write_config(lab, ["*.full.test"], grants="maxelem = 128"))
+    results = [lab.agent("dnsq", ROGUE_V4, 53, n, "A", "udp") for n in names]
+    rcodes = [r["rcode"] for r in results]
+    assert rcodes[:128] == ["NOERROR"] * 128, rcodes
+    assert rcodes[128:] == ["SERVFAIL", "SERVFAIL"], rcodes
+    assert all(r["answers"] == [] for r in results[128:])
+    failed = wait_until(lambda: events(d, "GrantFailed"), 5)
+    assert failed and "full" in failed[0]["EGRESSD_ERROR"], failed
+    assert lab.agent("connect", "203.0.113.128", 80)["ok"]
+    assert not lab.agent("connect", "203.0.113.129", 80, 3)["ok"]
+    assert d.running
