@@ -81,7 +81,6 @@ class Daemon:
         self._reload = asyncio.Event()
         self._stop = asyncio.Event()
         self._stop_reason = "SIGTERM"
-        self.started = time.monotonic()
 
     # --- lifecycle -------------------------------------------------------------------------
 
