@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 
 @dataclass(slots=True)
@@ -23,6 +23,3 @@ class Stats:
     repairs: int = 0
     reloads: int = 0
     reload_failures: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
