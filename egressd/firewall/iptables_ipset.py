@@ -89,18 +89,10 @@ class IptablesIpset:
 
     async def _ensure_set(self, name: str, family: int, maxelem: int) -> list[tuple[str, int]]:
         """Create the set, or take over the one a previous run left (and its grants)."""
-        ipset = await self._sets()
         found = await self._inspect(name)
         if found is None:
             try:
-                await ipset.create(
-                    name,
-                    stype="hash:ip",
-                    family=_AF[family],
-                    exclusive=True,
-                    maxelem=maxelem,
-                    timeout=SET_TIMEOUT,
-                )
+                await self._create(name, family, maxelem)
             except NetlinkError as err:
                 raise FirewallError(f"ipset create {name} failed: {err}") from err
             return []
@@ -113,6 +105,17 @@ class IptablesIpset:
         if header[2] != maxelem:
             await self._resize(name, family, maxelem, entries)
         return entries
+
+    async def _create(self, name: str, family: int, maxelem: int) -> None:
+        ipset = await self._sets()
+        await ipset.create(
+            name,
+            stype="hash:ip",
+            family=_AF[family],
+            exclusive=True,
+            maxelem=maxelem,
+            timeout=SET_TIMEOUT,
+        )
 
     async def _inspect(
         self, name: str
@@ -163,14 +166,7 @@ class IptablesIpset:
         with contextlib.suppress(NetlinkError):
             await ipset.destroy(tmp)  # left over from an interrupted resize
         try:
-            await ipset.create(
-                tmp,
-                stype="hash:ip",
-                family=_AF[family],
-                exclusive=True,
-                maxelem=maxelem,
-                timeout=SET_TIMEOUT,
-            )
+            await self._create(tmp, family, maxelem)
             await self.allow([Write(tmp, family, ip, max(left, 1)) for ip, left in entries])
             await ipset.swap(tmp, name)
             await ipset.destroy(tmp)
