@@ -32,12 +32,30 @@ import sys
 import time
 
 TYPES = {
-    "A": 1, "NS": 2, "CNAME": 5, "SOA": 6, "PTR": 12, "MX": 15, "TXT": 16, "AAAA": 28,
-    "SRV": 33, "OPT": 41, "SVCB": 64, "HTTPS": 65, "ANY": 255,
+    "A": 1,
+    "NS": 2,
+    "CNAME": 5,
+    "SOA": 6,
+    "PTR": 12,
+    "MX": 15,
+    "TXT": 16,
+    "AAAA": 28,
+    "SRV": 33,
+    "OPT": 41,
+    "SVCB": 64,
+    "HTTPS": 65,
+    "ANY": 255,
 }
 TYPE_NAMES = {v: k for k, v in TYPES.items()}
-RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED",
-          16: "BADVERS"}
+RCODES = {
+    0: "NOERROR",
+    1: "FORMERR",
+    2: "SERVFAIL",
+    3: "NXDOMAIN",
+    4: "NOTIMP",
+    5: "REFUSED",
+    16: "BADVERS",
+}
 
 
 def type_name(code):
@@ -104,21 +122,35 @@ GAI_NAMES = {getattr(socket, n): n for n in dir(socket) if n.startswith("EAI_")}
 
 def cmd_resolve(name, fam="any"):
     fam = fam.removeprefix("family")  # "family4" == "4"
-    family = {"4": socket.AF_INET, "inet": socket.AF_INET, "6": socket.AF_INET6,
-              "inet6": socket.AF_INET6, "any": socket.AF_UNSPEC}[fam]
+    family = {
+        "4": socket.AF_INET,
+        "inet": socket.AF_INET,
+        "6": socket.AF_INET6,
+        "inet6": socket.AF_INET6,
+        "any": socket.AF_UNSPEC,
+    }[fam]
     start = time.monotonic()
     try:
         infos = socket.getaddrinfo(name, None, family, socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        return {"ok": False, "addrs": [], "gaierror": GAI_NAMES.get(exc.errno, str(exc.errno)),
-                "errno": exc.errno, "text": str(exc),
-                "elapsed": round(time.monotonic() - start, 4)}
+        return {
+            "ok": False,
+            "addrs": [],
+            "gaierror": GAI_NAMES.get(exc.errno, str(exc.errno)),
+            "errno": exc.errno,
+            "text": str(exc),
+            "elapsed": round(time.monotonic() - start, 4),
+        }
     addrs = []
     for info in infos:
         if info[4][0] not in addrs:
             addrs.append(info[4][0])
-    return {"ok": bool(addrs), "addrs": addrs, "gaierror": None,
-            "elapsed": round(time.monotonic() - start, 4)}
+    return {
+        "ok": bool(addrs),
+        "addrs": addrs,
+        "gaierror": None,
+        "elapsed": round(time.monotonic() - start, 4),
+    }
 
 
 # --------------------------------------------------------------------------- DNS wire
@@ -150,7 +182,7 @@ def decode_name(msg, off):
     while True:
         n = msg[off]
         if n & 0xC0 == 0xC0:
-            ptr = struct.unpack("!H", msg[off:off + 2])[0] & 0x3FFF
+            ptr = struct.unpack("!H", msg[off : off + 2])[0] & 0x3FFF
             if not jumped:
                 end = off + 2
             jumped, off, hops = True, ptr, hops + 1
@@ -160,13 +192,13 @@ def decode_name(msg, off):
         off += 1
         if n == 0:
             break
-        labels.append(msg[off:off + n].decode("ascii", "replace"))
+        labels.append(msg[off : off + n].decode("ascii", "replace"))
         off += n
     return ".".join(labels) + ".", (end if jumped else off)
 
 
 def decode_rdata(msg, rtype, off, rdlen):
-    rd = msg[off:off + rdlen]
+    rd = msg[off : off + rdlen]
     if rtype == 1 and rdlen == 4:
         return socket.inet_ntop(socket.AF_INET, rd)
     if rtype == 28 and rdlen == 16:
@@ -178,13 +210,13 @@ def decode_rdata(msg, rtype, off, rdlen):
     if rtype == 16:
         parts, i = [], 0
         while i < len(rd):
-            parts.append(rd[i + 1:i + 1 + rd[i]].decode("utf-8", "replace"))
+            parts.append(rd[i + 1 : i + 1 + rd[i]].decode("utf-8", "replace"))
             i += 1 + rd[i]
         return "".join(parts)
     if rtype == 6:
         mname, o = decode_name(msg, off)
         rname, o = decode_name(msg, o)
-        nums = struct.unpack("!IIIII", msg[o:o + 20])
+        nums = struct.unpack("!IIIII", msg[o : o + 20])
         return " ".join([mname, rname] + [str(x) for x in nums])
     return rd.hex()
 
@@ -195,7 +227,7 @@ def parse_response(msg):
     questions = []
     for _ in range(qd):
         name, off = decode_name(msg, off)
-        qt, _qc = struct.unpack("!HH", msg[off:off + 4])
+        qt, _qc = struct.unpack("!HH", msg[off : off + 4])
         off += 4
         questions.append([name, type_name(qt)])
     sections = {"answers": [], "authority": [], "additional": []}
@@ -203,19 +235,25 @@ def parse_response(msg):
     for sect, count in (("answers", an), ("authority", ns), ("additional", ar)):
         for _ in range(count):
             name, off = decode_name(msg, off)
-            rtype, rclass, ttl, rdlen = struct.unpack("!HHIH", msg[off:off + 10])
+            rtype, rclass, ttl, rdlen = struct.unpack("!HHIH", msg[off : off + 10])
             off += 10
             if rtype == 41:
-                opts, i, rd = [], 0, msg[off:off + rdlen]
+                opts, i, rd = [], 0, msg[off : off + rdlen]
                 while i + 4 <= len(rd):
-                    code, olen = struct.unpack("!HH", rd[i:i + 4])
-                    opts.append((code, rd[i + 4:i + 4 + olen]))
+                    code, olen = struct.unpack("!HH", rd[i : i + 4])
+                    opts.append((code, rd[i + 4 : i + 4 + olen]))
                     i += 4 + olen
-                edns = {"udp_size": rclass, "ext_rcode": ttl >> 24, "version": (ttl >> 16) & 0xFF,
-                        "do": bool(ttl & 0x8000), "options": opts}
+                edns = {
+                    "udp_size": rclass,
+                    "ext_rcode": ttl >> 24,
+                    "version": (ttl >> 16) & 0xFF,
+                    "do": bool(ttl & 0x8000),
+                    "options": opts,
+                }
             else:
-                sections[sect].append([name, type_name(rtype),
-                                       decode_rdata(msg, rtype, off, rdlen), ttl])
+                sections[sect].append(
+                    [name, type_name(rtype), decode_rdata(msg, rtype, off, rdlen), ttl]
+                )
             off += rdlen
     rcode = (flags & 0xF) | ((edns["ext_rcode"] << 4) if edns else 0)
     ede = []
@@ -227,16 +265,23 @@ def parse_response(msg):
         "id": qid,
         "rcode": rcode_name(rcode),
         "rcode_num": rcode,
-        "qr": bool(flags & 0x8000), "aa": bool(flags & 0x0400), "tc": bool(flags & 0x0200),
-        "rd": bool(flags & 0x0100), "ra": bool(flags & 0x0080),
+        "qr": bool(flags & 0x8000),
+        "aa": bool(flags & 0x0400),
+        "tc": bool(flags & 0x0200),
+        "rd": bool(flags & 0x0100),
+        "ra": bool(flags & 0x0080),
         "questions": questions,
         "ede": ede,
         "edns": None,
     }
     out.update(sections)
     if edns:
-        out["edns"] = {"udp_size": edns["udp_size"], "version": edns["version"], "do": edns["do"],
-                       "options": [[c, d.hex()] for c, d in edns["options"]]}
+        out["edns"] = {
+            "udp_size": edns["udp_size"],
+            "version": edns["version"],
+            "do": edns["do"],
+            "options": [[c, d.hex()] for c, d in edns["options"]],
+        }
     return out
 
 
@@ -281,9 +326,15 @@ def cmd_dnsq(server, port, name, qtype, proto, flags):
     try:
         out = parse_response(resp)
     except Exception as exc:  # noqa: BLE001 - report garbage instead of crashing
-        return {"ok": False, "error": "other", "errno": None, "errname": None,
-                "text": f"unparsable response: {exc!r}", "response_hex": resp.hex(),
-                "elapsed": elapsed}
+        return {
+            "ok": False,
+            "error": "other",
+            "errno": None,
+            "errname": None,
+            "text": f"unparsable response: {exc!r}",
+            "response_hex": resp.hex(),
+            "elapsed": elapsed,
+        }
     out.update(ok=True, id_match=out["id"] == qid, transport=proto, elapsed=elapsed)
     return out
 
@@ -295,12 +346,22 @@ def cmd_dnsraw(server, port, hexwire, proto, flags):
         resp = exchange(server, int(port), bytes.fromhex(hexwire), proto, timeout)
     except (TimeoutError, OSError) as exc:
         return error(exc, start, transport=proto)
-    out = {"ok": True, "response_hex": resp.hex(), "elapsed": round(time.monotonic() - start, 4),
-           "rcode": None, "rcode_num": None, "tc": None}
+    out = {
+        "ok": True,
+        "response_hex": resp.hex(),
+        "elapsed": round(time.monotonic() - start, 4),
+        "rcode": None,
+        "rcode_num": None,
+        "tc": None,
+    }
     if len(resp) >= 12:
         fl = struct.unpack("!H", resp[2:4])[0]
-        out.update(rcode=rcode_name(fl & 0xF), rcode_num=fl & 0xF,
-                   tc=bool(fl & 0x0200), id=struct.unpack("!H", resp[:2])[0])
+        out.update(
+            rcode=rcode_name(fl & 0xF),
+            rcode_num=fl & 0xF,
+            tc=bool(fl & 0x0200),
+            id=struct.unpack("!H", resp[:2])[0],
+        )
     return out
 
 
@@ -326,8 +387,12 @@ def cmd_connect(ip, port, timeout="5"):
             echo = readline(s)
     except (TimeoutError, OSError) as exc:
         return error(exc, start)
-    return {"ok": echo == b"ping\n", "echo": echo.decode("utf-8", "replace"),
-            "connect_elapsed": connected, "elapsed": round(time.monotonic() - start, 4)}
+    return {
+        "ok": echo == b"ping\n",
+        "echo": echo.decode("utf-8", "replace"),
+        "connect_elapsed": connected,
+        "elapsed": round(time.monotonic() - start, 4),
+    }
 
 
 def cmd_hold(ip, port, seconds, timeout="5"):
@@ -369,8 +434,13 @@ def cmd_udp(ip, port, timeout="3"):
 def one_of_many(name, port, timeout, family):
     start = time.monotonic()
     res = cmd_resolve(name, family)
-    out = {"name": name, "resolve_ok": res["ok"], "addrs": res["addrs"],
-           "gaierror": res.get("gaierror"), "resolve_elapsed": res["elapsed"]}
+    out = {
+        "name": name,
+        "resolve_ok": res["ok"],
+        "addrs": res["addrs"],
+        "gaierror": res.get("gaierror"),
+        "resolve_elapsed": res["elapsed"],
+    }
     if not res["ok"]:
         out.update(ok=False, connect=None, elapsed=round(time.monotonic() - start, 4))
         return out
@@ -391,8 +461,13 @@ def cmd_many(source, flags):
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(lambda n: one_of_many(n, port, timeout, family), names))
     n_ok = sum(1 for r in results if r["ok"])
-    return {"ok": n_ok == len(results), "n_ok": n_ok, "n_fail": len(results) - n_ok,
-            "results": results, "elapsed": round(time.monotonic() - start, 4)}
+    return {
+        "ok": n_ok == len(results),
+        "n_ok": n_ok,
+        "n_fail": len(results) - n_ok,
+        "results": results,
+        "elapsed": round(time.monotonic() - start, 4),
+    }
 
 
 def main(argv):
@@ -417,9 +492,15 @@ def main(argv):
     elif cmd == "whoami":
         with open("/proc/self/status") as fh:
             caps = dict(line.split(":\t", 1) for line in fh if line.startswith("Cap"))
-        out = {"ok": True, "uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(),
-               "euid": os.geteuid(), "capeff": caps["CapEff"].strip(),
-               "capprm": caps["CapPrm"].strip()}
+        out = {
+            "ok": True,
+            "uid": os.getuid(),
+            "gid": os.getgid(),
+            "groups": os.getgroups(),
+            "euid": os.geteuid(),
+            "capeff": caps["CapEff"].strip(),
+            "capprm": caps["CapPrm"].strip(),
+        }
     else:
         raise SystemExit(f"unknown command {cmd!r}")
     sys.stdout.write(json.dumps(out) + "\n")

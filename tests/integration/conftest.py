@@ -13,8 +13,18 @@ NOT_ROOT_REASON = (
     "netns integration tests need root (uid 0): they create network namespaces, "
     "veth pairs, iptables rules and a private journald"
 )
-REQUIRED_TOOLS = ("ip", "iptables", "ip6tables", "ipset", "conntrack", "setpriv", "unshare",
-                  "nsenter", "journalctl", "mountpoint")
+REQUIRED_TOOLS = (
+    "ip",
+    "iptables",
+    "ip6tables",
+    "ipset",
+    "conntrack",
+    "setpriv",
+    "unshare",
+    "nsenter",
+    "journalctl",
+    "mountpoint",
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -133,8 +133,14 @@ class DnsLogic:
         try:
             req = DNSRecord.parse(data)
         except Exception as exc:  # malformed input is a legitimate test case
-            entry.update(qname=None, qtype=None, error=f"parse: {exc}", has_edns=False,
-                         arcount=None, edns_options=[])
+            entry.update(
+                qname=None,
+                qtype=None,
+                error=f"parse: {exc}",
+                has_edns=False,
+                arcount=None,
+                edns_options=[],
+            )
             self.log.write(entry)
             return None
         opt = [rr for rr in req.ar if rr.rtype == QTYPE.OPT]
@@ -331,8 +337,17 @@ def _tcp_accept_loop(ls: socket.socket, log: JsonLog) -> None:
 
 def _tcp_echo(conn: socket.socket, peer: tuple[Any, ...], log: JsonLog) -> None:
     local = conn.getsockname()
-    log.write({"event": "accept", "proto": "tcp", "src": plain_ip(peer[0]), "sport": peer[1],
-               "dst": plain_ip(local[0]), "dport": local[1], "ts": time.time()})
+    log.write(
+        {
+            "event": "accept",
+            "proto": "tcp",
+            "src": plain_ip(peer[0]),
+            "sport": peer[1],
+            "dst": plain_ip(local[0]),
+            "dport": local[1],
+            "ts": time.time(),
+        }
+    )
     # Keep the connection open until the client closes it (hold tests rely on this).
     with conn, conn.makefile("rb") as rf:
         try:
@@ -352,18 +367,37 @@ def _udp_loop(s: socket.socket, log: JsonLog) -> None:
                 dst = socket.inet_ntop(socket.AF_INET, cdata[8:12])  # in_pktinfo.ipi_addr
             elif v6 and level == socket.IPPROTO_IPV6 and ctype == socket.IPV6_PKTINFO:
                 dst = socket.inet_ntop(socket.AF_INET6, cdata[:16])
-        log.write({"event": "datagram", "proto": "udp", "src": plain_ip(peer[0]),
-                   "sport": peer[1], "dst": dst, "dport": s.getsockname()[1],
-                   "size": len(data), "ts": time.time()})
+        log.write(
+            {
+                "event": "datagram",
+                "proto": "udp",
+                "src": plain_ip(peer[0]),
+                "sport": peer[1],
+                "dst": dst,
+                "dport": s.getsockname()[1],
+                "size": len(data),
+                "ts": time.time(),
+            }
+        )
         # Reply from the exact address the client targeted (AnyIP ranges), else a
         # connected client socket would discard the echo.
         anc_out = []
         if dst is not None and not v6:
-            anc_out = [(socket.IPPROTO_IP, IP_PKTINFO,
-                        struct.pack("=i4s4s", 0, socket.inet_pton(socket.AF_INET, dst), b"\0" * 4))]
+            anc_out = [
+                (
+                    socket.IPPROTO_IP,
+                    IP_PKTINFO,
+                    struct.pack("=i4s4s", 0, socket.inet_pton(socket.AF_INET, dst), b"\0" * 4),
+                )
+            ]
         elif dst is not None:
-            anc_out = [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO,
-                        socket.inet_pton(socket.AF_INET6, dst) + struct.pack("=I", 0))]
+            anc_out = [
+                (
+                    socket.IPPROTO_IPV6,
+                    socket.IPV6_PKTINFO,
+                    socket.inet_pton(socket.AF_INET6, dst) + struct.pack("=I", 0),
+                )
+            ]
         try:
             s.sendmsg([data], anc_out, 0, peer)
         except OSError as exc:
@@ -394,8 +428,9 @@ def main() -> None:
     if args.cmd == "dns":
         servers = serve_dns(args)
         for srv in servers:
-            threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.2},
-                             daemon=True).start()
+            threading.Thread(
+                target=srv.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True
+            ).start()
     else:
         for t in serve_echo(args):
             t.start()

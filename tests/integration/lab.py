@@ -86,8 +86,13 @@ def run(
     env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        list(cmd), input=input, capture_output=True, text=True, timeout=timeout,
-        env=dict(env) if env is not None else None, check=False,
+        list(cmd),
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(env) if env is not None else None,
+        check=False,
     )
     if check and proc.returncode != 0:
         raise LabError(
@@ -97,7 +102,7 @@ def run(
     return proc
 
 
-def _poll(cond: Callable[[], T], timeout: float, interval: float = 0.05) -> T | None:
+def poll(cond: Callable[[], T], timeout: float, interval: float = 0.05) -> T | None:
     """Return cond()'s first truthy value, or None after timeout."""
     deadline = time.monotonic() + timeout
     while True:
@@ -125,7 +130,7 @@ def _matches(entry: Mapping[str, Any], match: Mapping[str, Any]) -> bool:
     return all(entry.get(k) == v for k, v in match.items())
 
 
-def _tail(path: Path, n: int = 4000) -> str:
+def tail(path: Path, n: int = 4000) -> str:
     try:
         return path.read_text(encoding="utf-8", errors="replace")[-n:]
     except FileNotFoundError:
@@ -176,7 +181,7 @@ class DnsControl:
             pass
 
     def wait_query(self, timeout: float = 5.0, **match: Any) -> dict[str, Any]:
-        found = _poll(lambda: self.queries(**match), timeout)
+        found = poll(lambda: self.queries(**match), timeout)
         if not found:
             raise LabError(f"no DNS query matching {match} within {timeout}s")
         return found[0]
@@ -228,8 +233,9 @@ class NotifyListener:
         with self._cond:
             return list(self._messages)
 
-    def wait_for(self, pred: Callable[[str], bool], timeout: float,
-                 alive: Callable[[], bool]) -> str | None:
+    def wait_for(
+        self, pred: Callable[[str], bool], timeout: float, alive: Callable[[], bool]
+    ) -> str | None:
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -253,8 +259,15 @@ class Daemon:
     """A process started by Lab.start_daemon/start_process (pid == the real program:
     `ip netns exec` and `nsenter` exec it without forking)."""
 
-    def __init__(self, name: str, argv: list[str], proc: subprocess.Popen[bytes],
-                 stdout_path: Path, stderr_path: Path, notify: NotifyListener) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        proc: subprocess.Popen[bytes],
+        stdout_path: Path,
+        stderr_path: Path,
+        notify: NotifyListener,
+    ) -> None:
         self.name = name
         self.argv = argv
         self.proc = proc
@@ -281,8 +294,7 @@ class Daemon:
 
     def wait_notification(self, text: str, timeout: float = 15.0) -> str:
         """Wait for a datagram containing a line equal to `text` (e.g. "STOPPING=1")."""
-        msg = self._notify.wait_for(lambda m: text in m.splitlines(), timeout,
-                                    lambda: self.running)
+        msg = self._notify.wait_for(lambda m: text in m.splitlines(), timeout, lambda: self.running)
         if msg is None:
             msg = next((m for m in self.notifications() if text in m.splitlines()), None)
         if msg is None:
@@ -321,10 +333,10 @@ class Daemon:
             raise LabError(f"{self.name} did not exit within {timeout}s of SIGTERM") from None
 
     def stdout_text(self) -> str:
-        return _tail(self.stdout_path, 10**9)
+        return tail(self.stdout_path, 10**9)
 
     def stderr_text(self) -> str:
-        return _tail(self.stderr_path, 10**9)
+        return tail(self.stderr_path, 10**9)
 
     def stderr_json(self) -> list[dict[str, Any]]:
         """stderr lines that parse as JSON objects (egressd's no-journald log format)."""
@@ -382,12 +394,24 @@ class PrivateJournal:
         # daemon start); unshare then makes the mount ns private, so our mounts
         # never propagate to the machine. Both exec, so the pid is `sleep`.
         holder = self.holder = subprocess.Popen(
-            ["ip", "netns", "exec", self.lab.host, "unshare", "--mount",
-             "--propagation", "private", "sleep", "infinity"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.lab.host,
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sleep",
+                "infinity",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         sleep_exe = os.path.realpath(shutil.which("sleep") or "/usr/bin/sleep")
-        if not _poll(lambda: self._exe(holder) == sleep_exe, 10):
+        if not poll(lambda: self._exe(holder) == sleep_exe, 10):
             raise LabError("journal mount-namespace holder did not start")
         conf = self.dir / "journald.conf"
         conf.write_text(JOURNALD_CONF, encoding="utf-8")
@@ -405,26 +429,34 @@ class PrivateJournal:
             mountpoint -q /sys/fs/cgroup || mount -t cgroup2 -o ro cgroup2 /sys/fs/cgroup
         """
         self.exec(["sh", "-c", script])
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "WATCHDOG_USEC")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "WATCHDOG_USEC")
+        }
         env.update(SYSTEMD_LOG_TARGET="console", SYSTEMD_LOG_LEVEL="info")
         self.stderr_path = self.dir / "journald.stderr"
         with open(self.stderr_path, "wb") as err:
             journald = self.journald = subprocess.Popen(
                 [*self.enter_prefix(), JOURNALD],
-                stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+                env=env,
             )
         # The socket is visible from here through the process's root (/proc/PID/root
         # resolves paths in its mount namespace).
         self.socket_path = f"/proc/{journald.pid}/root/run/systemd/journal/socket"
-        if not _poll(lambda: os.path.exists(self.socket_path) or journald.poll() is not None,
-                     10) or journald.poll() is not None:
-            raise LabError(f"systemd-journald did not start:\n{_tail(self.stderr_path)}")
+        if (
+            not poll(lambda: os.path.exists(self.socket_path) or journald.poll() is not None, 10)
+            or journald.poll() is not None
+        ):
+            raise LabError(f"systemd-journald did not start:\n{tail(self.stderr_path)}")
         # Prove the whole path works (socket -> journald -> files -> journalctl -D).
         probe = secrets.token_hex(8)
         self.send({"MESSAGE": "egd lab journal probe", "EGD_LAB_PROBE": probe})
         if not self.wait(f"EGD_LAB_PROBE={probe}", timeout=10):
-            raise LabError(f"journald probe entry never showed up:\n{_tail(self.stderr_path)}")
+            raise LabError(f"journald probe entry never showed up:\n{tail(self.stderr_path)}")
 
     @staticmethod
     def _exe(proc: subprocess.Popen[bytes]) -> str | None:
@@ -440,11 +472,23 @@ class PrivateJournal:
 
     def enter_prefix(self, cwd: str = "/") -> list[str]:
         """Command prefix: join the private mount ns and the lab's host net ns."""
-        return ["nsenter", f"--target={self.holder_pid}", "--mount",
-                f"--net=/run/netns/{self.lab.host}", f"--wd={cwd}", "--"]
+        return [
+            "nsenter",
+            f"--target={self.holder_pid}",
+            "--mount",
+            f"--net=/run/netns/{self.lab.host}",
+            f"--wd={cwd}",
+            "--",
+        ]
 
-    def exec(self, cmd: Sequence[str], *, check: bool = True, input: str | None = None,
-             timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    def exec(
+        self,
+        cmd: Sequence[str],
+        *,
+        check: bool = True,
+        input: str | None = None,
+        timeout: float = 30,
+    ) -> subprocess.CompletedProcess[str]:
         return run([*self.enter_prefix(), *cmd], check=check, input=input, timeout=timeout)
 
     def send(self, fields: Mapping[str, str]) -> None:
@@ -454,8 +498,20 @@ class PrivateJournal:
             s.sendto(payload, self.socket_path)
 
     def query(self, *matches: str, extra: Sequence[str] = ()) -> list[dict[str, Any]]:
-        proc = run(["journalctl", "-D", str(self.journal_dir), "-o", "json", "--all",
-                    "--no-pager", *extra, *matches], check=False)
+        proc = run(
+            [
+                "journalctl",
+                "-D",
+                str(self.journal_dir),
+                "-o",
+                "json",
+                "--all",
+                "--no-pager",
+                *extra,
+                *matches,
+            ],
+            check=False,
+        )
         # journalctl exits 1 with "-- No entries --" on stderr for an empty result.
         return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
@@ -464,7 +520,7 @@ class PrivateJournal:
             found = self.query(*matches)
             return found if len(found) >= count else None
 
-        return _poll(enough, timeout, interval=0.1) or self.query(*matches)
+        return poll(enough, timeout, interval=0.1) or self.query(*matches)
 
     def mount_ns_inode(self) -> int:
         return os.stat(f"/proc/{self.holder_pid}/ns/mnt").st_ino
@@ -537,10 +593,36 @@ class Lab:
             run(["ip", "-n", ns, "link", "set", "lo", "up"])
             # No DAD anywhere: v6 addresses (incl. link-local) are usable at once.
             for key in ("all", "default"):
-                run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w",
-                     f"net.ipv6.conf.{key}.accept_dad=0"])
-        run(["ip", "-n", self.host, "link", "add", "name", IFNAME, "type", "veth",
-             "peer", "name", IFNAME, "netns", self.inet])
+                run(
+                    [
+                        "ip",
+                        "netns",
+                        "exec",
+                        ns,
+                        "sysctl",
+                        "-q",
+                        "-w",
+                        f"net.ipv6.conf.{key}.accept_dad=0",
+                    ]
+                )
+        run(
+            [
+                "ip",
+                "-n",
+                self.host,
+                "link",
+                "add",
+                "name",
+                IFNAME,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                IFNAME,
+                "netns",
+                self.inet,
+            ]
+        )
         for ns, addrs in (
             (self.inet, [f"{INET_V4}/24", f"{ROGUE_V4}/24", f"{INET_V6}/64", f"{ROGUE_V6}/64"]),
             (self.host, [f"{HOST_V4}/24", f"{HOST_V6}/64"]),
@@ -557,8 +639,9 @@ class Lab:
         # Explicit routes too, so a test that removes the defaults keeps the fake internet.
         run(["ip", "-n", self.host, "route", "add", ANYIP_V4, "via", INET_V4])
         run(["ip", "-n", self.host, "-6", "route", "add", ANYIP_V6, "via", INET_V6])
-        if not _poll(lambda: "LOWER_UP" in run(["ip", "-n", self.host, "link", "show",
-                                                 IFNAME]).stdout, 5):
+        if not poll(
+            lambda: "LOWER_UP" in run(["ip", "-n", self.host, "link", "show", IFNAME]).stdout, 5
+        ):
             raise LabError("veth did not come up")
 
     def _setup_resolv_conf(self) -> None:
@@ -567,34 +650,78 @@ class Lab:
         _ETC_NETNS.mkdir(mode=0o755, exist_ok=True)
         self.netns_dir.mkdir(mode=0o755)
         resolv = self.netns_dir / "resolv.conf"
-        resolv.write_text(f"nameserver {ROGUE_V4}\noptions timeout:2 attempts:1\n",
-                          encoding="utf-8")
+        resolv.write_text(
+            f"nameserver {ROGUE_V4}\noptions timeout:2 attempts:1\n", encoding="utf-8"
+        )
         resolv.chmod(0o644)
 
     def _start_servers(self) -> None:
         self.dns.set({})
-        self._spawn_server("dns", [
-            "dns", "--listen", INET_V4, "--listen", INET_V6,
-            "--records", str(self.dns.records_path), "--log", str(self.dns.log_path)])
-        self._spawn_server("rogue", [
-            "dns", "--listen", ROGUE_V4, "--listen", ROGUE_V6,
-            "--rogue-a", ROGUE_ANSWER, "--log", str(self.rogue.log_path)])
-        self._spawn_server("echo", [
-            "echo", *[a for p in ECHO_TCP_PORTS for a in ("--tcp-port", str(p))],
-            "--udp-port", str(ECHO_UDP_PORT), "--log", str(self.echo.log_path)])
+        self._spawn_server(
+            "dns",
+            [
+                "dns",
+                "--listen",
+                INET_V4,
+                "--listen",
+                INET_V6,
+                "--records",
+                str(self.dns.records_path),
+                "--log",
+                str(self.dns.log_path),
+            ],
+        )
+        self._spawn_server(
+            "rogue",
+            [
+                "dns",
+                "--listen",
+                ROGUE_V4,
+                "--listen",
+                ROGUE_V6,
+                "--rogue-a",
+                ROGUE_ANSWER,
+                "--log",
+                str(self.rogue.log_path),
+            ],
+        )
+        self._spawn_server(
+            "echo",
+            [
+                "echo",
+                *[a for p in ECHO_TCP_PORTS for a in ("--tcp-port", str(p))],
+                "--udp-port",
+                str(ECHO_UDP_PORT),
+                "--log",
+                str(self.echo.log_path),
+            ],
+        )
         for name in ("dns", "rogue", "echo"):
             proc = self._servers[name]
             ready = self.tmpdir / f"{name}.ready"
-            if not _poll(functools.partial(_ready_or_dead, ready, proc), 15) \
-                    or proc.poll() is not None:
-                raise LabError(f"fake {name} server failed:\n{_tail(self.tmpdir / f'{name}.err')}")
+            if (
+                not poll(functools.partial(_ready_or_dead, ready, proc), 15)
+                or proc.poll() is not None
+            ):
+                raise LabError(f"fake {name} server failed:\n{tail(self.tmpdir / f'{name}.err')}")
 
     def _spawn_server(self, name: str, args: list[str]) -> None:
         with open(self.tmpdir / f"{name}.err", "wb") as err:
             self._servers[name] = subprocess.Popen(
-                ["ip", "netns", "exec", self.inet, sys.executable, str(FAKENET), *args,
-                 "--ready", str(self.tmpdir / f"{name}.ready")],
-                stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    self.inet,
+                    sys.executable,
+                    str(FAKENET),
+                    *args,
+                    "--ready",
+                    str(self.tmpdir / f"{name}.ready"),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
             )
 
     # ---- helpers
@@ -604,24 +731,57 @@ class Lab:
         return {"host": self.host, "inet": self.inet}.get(which, which)
 
     def netns_exec(
-        self, ns: str, cmd: Sequence[str] | str, *, check: bool = True,
-        input: str | None = None, timeout: float = 30,
+        self,
+        ns: str,
+        cmd: Sequence[str] | str,
+        *,
+        check: bool = True,
+        input: str | None = None,
+        timeout: float = 30,
     ) -> subprocess.CompletedProcess[str]:
         """Run a command (list, or string split with shlex) as root in 'host'/'inet'."""
         argv = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
-        return run(["ip", "netns", "exec", self.ns(ns), *argv], check=check, input=input,
-                   timeout=timeout)
+        return run(
+            ["ip", "netns", "exec", self.ns(ns), *argv], check=check, input=input, timeout=timeout
+        )
 
-    def agent(self, *args: object, uid: int | None = None, gid: int | None = None,
-              timeout: float = 30, input: str | None = None) -> dict[str, Any]:
+    def agent(
+        self,
+        *args: object,
+        uid: int | None = None,
+        gid: int | None = None,
+        timeout: float = 30,
+        input: str | None = None,
+    ) -> dict[str, Any]:
         """Run agent.py COMMAND ARGS as `uid` (default 64123) in the host ns; returns its JSON."""
         uid = self.agent_uid if uid is None else uid
         gid = uid if gid is None else gid
-        cmd = ["ip", "netns", "exec", self.host, "setpriv", f"--reuid={uid}", f"--regid={gid}",
-               "--clear-groups", AGENT_PYTHON, "-I", "-c", AGENT_SOURCE, *map(str, args)]
+        cmd = [
+            "ip",
+            "netns",
+            "exec",
+            self.host,
+            "setpriv",
+            f"--reuid={uid}",
+            f"--regid={gid}",
+            "--clear-groups",
+            AGENT_PYTHON,
+            "-I",
+            "-c",
+            AGENT_SOURCE,
+            *map(str, args),
+        ]
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": "/"}
-        proc = subprocess.run(cmd, input=input, capture_output=True, text=True,
-                              timeout=timeout, env=env, cwd="/", check=False)
+        proc = subprocess.run(
+            cmd,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            cwd="/",
+            check=False,
+        )
         lines = proc.stdout.strip().splitlines()
         try:
             result: dict[str, Any] = json.loads(lines[-1])
@@ -632,9 +792,15 @@ class Lab:
             ) from None
         return result
 
-    def start_process(self, cmd: Sequence[str], *, env: Mapping[str, str | None] | None = None,
-                      journald: bool = False, name: str | None = None,
-                      cwd: Path | None = None) -> Daemon:
+    def start_process(
+        self,
+        cmd: Sequence[str],
+        *,
+        env: Mapping[str, str | None] | None = None,
+        journald: bool = False,
+        name: str | None = None,
+        cwd: Path | None = None,
+    ) -> Daemon:
         """Start any root process in the host ns with NOTIFY_SOCKET set (see start_daemon)."""
         self._counter += 1
         name = name or f"proc{self._counter}"
@@ -660,8 +826,14 @@ class Lab:
         argv = [*prefix, *cmd]
         try:
             with open(f"{base}.out", "wb") as out, open(f"{base}.err", "wb") as err:
-                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                        env=full_env, cwd=workdir)
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    env=full_env,
+                    cwd=workdir,
+                )
         except BaseException:
             notify.close()
             raise
@@ -669,12 +841,17 @@ class Lab:
         self._daemons.append(daemon)
         return daemon
 
-    def start_daemon(self, argv: Sequence[str], env: Mapping[str, str | None] | None = None,
-                     journald: bool = False) -> Daemon:
+    def start_daemon(
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str | None] | None = None,
+        journald: bool = False,
+    ) -> Daemon:
         """`<test python> -m egressd ARGV...` as root in the host ns (repo root on
         PYTHONPATH). journald=True: inside the private-journald mount ns instead."""
-        return self.start_process([sys.executable, "-m", "egressd", *argv], env=env,
-                                  journald=journald, name="egressd")
+        return self.start_process(
+            [sys.executable, "-m", "egressd", *argv], env=env, journald=journald, name="egressd"
+        )
 
     @property
     def journal(self) -> PrivateJournal:
@@ -693,8 +870,14 @@ class Lab:
         """Poll journal_query until at least `count` entries match; returns what it has."""
         return self.journal.wait(*matches, count=count, timeout=timeout)
 
-    def journal_exec(self, cmd: Sequence[str], *, check: bool = True, input: str | None = None,
-                     timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    def journal_exec(
+        self,
+        cmd: Sequence[str],
+        *,
+        check: bool = True,
+        input: str | None = None,
+        timeout: float = 30,
+    ) -> subprocess.CompletedProcess[str]:
         """Run a root command inside the journald mount ns + host net ns."""
         return self.journal.exec(cmd, check=check, input=input, timeout=timeout)
 
@@ -711,10 +894,11 @@ class Lab:
         """Human-readable state dump for failed tests."""
         parts = []
         for d in self._daemons:
-            parts.append(f"--- {d.name} pid {d.pid} rc={d.returncode} stderr ---\n"
-                         f"{d.stderr_text()[-6000:]}")
+            parts.append(
+                f"--- {d.name} pid {d.pid} rc={d.returncode} stderr ---\n{d.stderr_text()[-6000:]}"
+            )
         for name in self._servers:
-            err = _tail(self.tmpdir / f"{name}.err", 2000)
+            err = tail(self.tmpdir / f"{name}.err", 2000)
             if err:
                 parts.append(f"--- fake {name} server stderr ---\n{err}")
         if not self._closed:
@@ -737,10 +921,13 @@ class Lab:
                 os.kill(pid, signal.SIGKILL)
         if strays:
             self.stray_pids.extend(strays)
-            warnings.warn(f"lab killed leftover processes in its namespaces: {strays}",
-                          LabWarning, stacklevel=3)
+            warnings.warn(
+                f"lab killed leftover processes in its namespaces: {strays}",
+                LabWarning,
+                stacklevel=3,
+            )
             # Not our children (reparented), so poll until they are gone/zombies.
-            _poll(lambda: not any(_net_ns_of(p) in inodes for p in strays), 5)
+            poll(lambda: not any(_net_ns_of(p) in inodes for p in strays), 5)
 
     def close(self) -> None:
         if self._closed:

@@ -35,18 +35,25 @@ import signal
 import subprocess
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lab import AGENT_SOURCE, REPO_ROOT, LabError
+from lab import AGENT_SOURCE, REPO_ROOT, LabError, poll, tail
 
 MIRROR = os.environ.get("EGD_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 SUITE = "bookworm"
 # What the README's "fresh Debian 12" has that a minbase root lacks, and nothing more:
 # install.sh must bring everything egressd needs itself.
-INCLUDE = ("systemd", "systemd-sysv", "dbus", "python3", "ca-certificates", "iproute2",
-           "util-linux")
+INCLUDE = (
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "python3",
+    "ca-certificates",
+    "iproute2",
+    "util-linux",
+)
 SRC_IN_ROOT = "/opt/egressd-src"
 AGENT_USER = "agent"
 ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -54,8 +61,17 @@ NSPAWN_RUN = Path("/run/systemd/nspawn")  # nspawn's lock/propagation dir on the
 BUILD_TIMEOUT = 900.0
 # Environment passed through to the build (a proxy the host needs to reach the mirror).
 PASS_ENV = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
-COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "venv", "__pycache__", "*_cache",
-                                     ".pytest_cache", "*.egg-info", "build", "dist")
+COPY_IGNORE = shutil.ignore_patterns(
+    ".git",
+    ".venv",
+    "venv",
+    "__pycache__",
+    "*_cache",
+    ".pytest_cache",
+    "*.egg-info",
+    "build",
+    "dist",
+)
 
 
 class RootfsError(RuntimeError):
@@ -106,48 +122,39 @@ def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(10)
 
 
-def _poll(cond: Callable[[], Any], timeout: float, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
-
-
-def _tail(path: Path, n: int = 3000) -> str:
-    try:
-        return path.read_text(encoding="utf-8", errors="replace")[-n:]
-    except FileNotFoundError:
-        return ""
-
-
-def _run_logged(argv: Sequence[str], log: Path, *, timeout: float, what: str,
-                env: dict[str, str] | None = None) -> None:
+def _run_logged(
+    argv: Sequence[str], log: Path, *, timeout: float, what: str, env: dict[str, str] | None = None
+) -> None:
     with open(log, "ab") as out:
         out.write(f"\n$ {shlex.join(argv)}\n".encode())
         out.flush()
-        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            env=env,
+            start_new_session=True,
+        )
         try:
             rc = proc.wait(timeout)
         except subprocess.TimeoutExpired:
             _kill_tree(proc)
-            raise RootfsError(f"{what} took longer than {timeout:.0f}s; log {log}:\n"
-                              f"{_tail(log)}") from None
+            raise RootfsError(
+                f"{what} took longer than {timeout:.0f}s; log {log}:\n{tail(log)}"
+            ) from None
         except BaseException:
             _kill_tree(proc)
             raise
     if rc != 0:
-        raise RootfsError(f"{what} failed (exit {rc}); log {log}:\n{_tail(log)}")
+        raise RootfsError(f"{what} failed (exit {rc}); log {log}:\n{tail(log)}")
 
 
 # --------------------------------------------------------------------------- mounts
 
 
 def _unescape(field: str) -> str:
-    return field.encode().decode("unicode_escape").encode("latin-1").decode(
-        "utf-8", "replace")
+    return field.encode().decode("unicode_escape").encode("latin-1").decode("utf-8", "replace")
 
 
 def mounts_under(path: Path) -> list[str]:
@@ -192,19 +199,30 @@ def build(root: Path, log: Path) -> dict[str, float]:
     times: dict[str, float] = {}
     t0 = time.monotonic()
     q = shlex.quote
-    debootstrap = ["debootstrap", "--variant=minbase", f"--include={','.join(INCLUDE)}",
-                   SUITE, str(root), MIRROR]
+    debootstrap = [
+        "debootstrap",
+        "--variant=minbase",
+        f"--include={','.join(INCLUDE)}",
+        SUITE,
+        str(root),
+        MIRROR,
+    ]
     try:
-        _run_logged(_private_mounts(shlex.join(debootstrap)), log, timeout=BUILD_TIMEOUT,
-                    what=f"debootstrap {SUITE} from {MIRROR}")
+        _run_logged(
+            _private_mounts(shlex.join(debootstrap)),
+            log,
+            timeout=BUILD_TIMEOUT,
+            what=f"debootstrap {SUITE} from {MIRROR}",
+        )
     except RootfsError as err:
-        raise RootfsError(f"could not build the Debian root: is the mirror {MIRROR} "
-                          f"reachable? (EGD_DEBIAN_MIRROR overrides it)\n{err}") from None
+        raise RootfsError(
+            f"could not build the Debian root: is the mirror {MIRROR} "
+            f"reachable? (EGD_DEBIAN_MIRROR overrides it)\n{err}"
+        ) from None
     times["debootstrap"] = time.monotonic() - t0
 
     t1 = time.monotonic()
-    shutil.copytree(REPO_ROOT, root / SRC_IN_ROOT.lstrip("/"), ignore=COPY_IGNORE,
-                    symlinks=True)
+    shutil.copytree(REPO_ROOT, root / SRC_IN_ROOT.lstrip("/"), ignore=COPY_IGNORE, symlinks=True)
     etc = root / "etc"
     (etc / "resolv.conf").unlink(missing_ok=True)  # may be a dangling symlink
     (etc / "resolv.conf").write_text(_host_resolv_conf(), encoding="utf-8")
@@ -213,24 +231,38 @@ def build(root: Path, log: Path) -> dict[str, float]:
     cas.mkdir(parents=True, exist_ok=True)
     for crt in Path("/usr/local/share/ca-certificates").glob("**/*.crt"):
         shutil.copy2(crt, cas / f"host-{crt.name}")
-    env = [f"PATH={ROOT_PATH}", "LANG=C.UTF-8", "HOME=/root", "DEBIAN_FRONTEND=noninteractive",
-           "PIP_CERT=/etc/ssl/certs/ca-certificates.crt", "PIP_DISABLE_PIP_VERSION_CHECK=1",
-           *(f"{k}={os.environ[k]}" for k in PASS_ENV if k in os.environ)]
-    inside = (f"update-ca-certificates >/dev/null && "
-              f"{SRC_IN_ROOT}/packaging/install.sh --user {AGENT_USER} --create-user --no-start")
+    env = [
+        f"PATH={ROOT_PATH}",
+        "LANG=C.UTF-8",
+        "HOME=/root",
+        "DEBIAN_FRONTEND=noninteractive",
+        "PIP_CERT=/etc/ssl/certs/ca-certificates.crt",
+        "PIP_DISABLE_PIP_VERSION_CHECK=1",
+        *(f"{k}={os.environ[k]}" for k in PASS_ENV if k in os.environ),
+    ]
+    inside = (
+        f"update-ca-certificates >/dev/null && "
+        f"{SRC_IN_ROOT}/packaging/install.sh --user {AGENT_USER} --create-user --no-start"
+    )
     script = f"""
-        mount --rbind /dev {q(str(root / 'dev'))}
-        mount -t proc proc {q(str(root / 'proc'))}
-        mount -t sysfs sysfs {q(str(root / 'sys'))}
+        mount --rbind /dev {q(str(root / "dev"))}
+        mount -t proc proc {q(str(root / "proc"))}
+        mount -t sysfs sysfs {q(str(root / "sys"))}
         exec env -i {shlex.join(env)} chroot {q(str(root))} /bin/sh -euc {q(inside)}
     """
     try:
-        _run_logged(_private_mounts(script), log, timeout=BUILD_TIMEOUT,
-                    what="packaging/install.sh --no-start in the chroot", env={
-                        "PATH": ROOT_PATH, "LANG": "C.UTF-8"})
+        _run_logged(
+            _private_mounts(script),
+            log,
+            timeout=BUILD_TIMEOUT,
+            what="packaging/install.sh --no-start in the chroot",
+            env={"PATH": ROOT_PATH, "LANG": "C.UTF-8"},
+        )
     except RootfsError as err:
-        raise RootfsError(f"the README's install step failed in a fresh Debian root (needs "
-                          f"{MIRROR} and PyPI)\n{err}") from None
+        raise RootfsError(
+            f"the README's install step failed in a fresh Debian root (needs "
+            f"{MIRROR} and PyPI)\n{err}"
+        ) from None
     times["install.sh"] = time.monotonic() - t1
     return times
 
@@ -239,8 +271,7 @@ def prepare_for_lab(root: Path, upstream: str, hostname: str) -> None:
     """Point the root's resolver (and so egressd's default upstream) at the lab's DNS."""
     resolv = root / "etc/resolv.conf"
     resolv.unlink(missing_ok=True)
-    resolv.write_text(f"nameserver {upstream}\noptions timeout:2 attempts:2\n",
-                      encoding="utf-8")
+    resolv.write_text(f"nameserver {upstream}\noptions timeout:2 attempts:2\n", encoding="utf-8")
     (root / "etc/hostname").write_text(f"{hostname}\n", encoding="utf-8")
 
 
@@ -317,41 +348,54 @@ class Container:
         for cg in self._cgroups:
             cg.mkdir()
         nspawn = [
-            "systemd-nspawn", f"--directory={self.root}", "--boot",
-            "--register=no", "--keep-unit", f"--machine={self.machine}",
+            "systemd-nspawn",
+            f"--directory={self.root}",
+            "--boot",
+            "--register=no",
+            "--keep-unit",
+            f"--machine={self.machine}",
             f"--network-namespace-path=/run/netns/{self.netns}",
             # egressd needs it for iptables/ipset; nspawn grants it on its own only with
             # --private-network.
             "--capability=CAP_NET_ADMIN",
-            "--resolv-conf=off", "--timezone=off", "--link-journal=no",
+            "--resolv-conf=off",
+            "--timezone=off",
+            "--link-journal=no",
             "--console=pipe",
         ]
-        inner = (f"mount -t tmpfs -o mode=0755,size=4m egd-nspawn-run {NSPAWN_RUN} && "
-                 f"exec {shlex.join(nspawn)}")
-        outer = "".join(f"echo $$ > {shlex.quote(str(cg / 'cgroup.procs'))} && "
-                        for cg in self._cgroups)
+        inner = (
+            f"mount -t tmpfs -o mode=0755,size=4m egd-nspawn-run {NSPAWN_RUN} && "
+            f"exec {shlex.join(nspawn)}"
+        )
+        outer = "".join(
+            f"echo $$ > {shlex.quote(str(cg / 'cgroup.procs'))} && " for cg in self._cgroups
+        )
         outer += f"exec unshare --mount --propagation private sh -c {shlex.quote(inner)}"
         env = {"PATH": ROOT_PATH, "LANG": "C.UTF-8"}
         with open(self.log, "ab") as out:
             # sh, unshare and sh exec: self.proc.pid is systemd-nspawn's pid.
-            self.proc = subprocess.Popen(["sh", "-c", outer], stdin=subprocess.DEVNULL,
-                                         stdout=out, stderr=out, env=env,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                ["sh", "-c", outer],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                env=env,
+                start_new_session=True,
+            )
         proc = self.proc
 
         def init_pid() -> int | None:
             if proc.poll() is not None:
-                raise RootfsError(f"systemd-nspawn exited {proc.returncode}:\n"
-                                  f"{_tail(self.log)}")
+                raise RootfsError(f"systemd-nspawn exited {proc.returncode}:\n{tail(self.log)}")
             for child in _children(proc.pid):
                 with contextlib.suppress(OSError):
                     if Path(f"/proc/{child}/comm").read_text().strip() == "systemd":
                         return child
             return None
 
-        pid1 = _poll(init_pid, 30)
+        pid1 = poll(init_pid, 30)
         if not pid1:
-            raise RootfsError(f"the container's systemd did not start:\n{_tail(self.log)}")
+            raise RootfsError(f"the container's systemd did not start:\n{tail(self.log)}")
         self.pid1 = pid1
         self._pid1_start = _start_time(pid1)
 
@@ -360,25 +404,47 @@ class Container:
             state = r.stdout.strip()
             return state if state in ("running", "degraded") else None
 
-        if not _poll(booted, timeout, interval=0.5):
+        if not poll(booted, timeout, interval=0.5):
             state = self.exec(["systemctl", "is-system-running"], check=False).stdout
             jobs = self.exec(["systemctl", "list-jobs", "--no-pager"], check=False).stdout
-            raise RootfsError(f"the container did not finish booting in {timeout}s "
-                              f"(state {state.strip()!r}); jobs:\n{jobs}\n{_tail(self.log)}")
+            raise RootfsError(
+                f"the container did not finish booting in {timeout}s "
+                f"(state {state.strip()!r}); jobs:\n{jobs}\n{tail(self.log)}"
+            )
 
     # ---- running things inside
 
-    def exec(self, cmd: Sequence[str], *, check: bool = True, input: str | None = None,
-             timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def exec(
+        self,
+        cmd: Sequence[str],
+        *,
+        check: bool = True,
+        input: str | None = None,
+        timeout: float = 60,
+    ) -> subprocess.CompletedProcess[str]:
         """Run a command as root in all of the container's namespaces, clean environment."""
-        argv = ["nsenter", f"--target={self.pid1}", "--all", "--", "env", "-i",
-                f"PATH={ROOT_PATH}", "LANG=C.UTF-8", "HOME=/root", "SYSTEMD_PAGER=",
-                "SYSTEMD_COLORS=0", *cmd]
-        proc = subprocess.run(argv, input=input, capture_output=True, text=True,
-                              timeout=timeout, check=False, cwd="/")
+        argv = [
+            "nsenter",
+            f"--target={self.pid1}",
+            "--all",
+            "--",
+            "env",
+            "-i",
+            f"PATH={ROOT_PATH}",
+            "LANG=C.UTF-8",
+            "HOME=/root",
+            "SYSTEMD_PAGER=",
+            "SYSTEMD_COLORS=0",
+            *cmd,
+        ]
+        proc = subprocess.run(
+            argv, input=input, capture_output=True, text=True, timeout=timeout, check=False, cwd="/"
+        )
         if check and proc.returncode != 0:
-            raise LabError(f"in the container ({proc.returncode}): {shlex.join(cmd)}\n"
-                           f"stdout: {proc.stdout[-3000:]}\nstderr: {proc.stderr[-3000:]}")
+            raise LabError(
+                f"in the container ({proc.returncode}): {shlex.join(cmd)}\n"
+                f"stdout: {proc.stdout[-3000:]}\nstderr: {proc.stderr[-3000:]}"
+            )
         return proc
 
     def agent(self, *args: object, user: str = AGENT_USER, timeout: float = 30) -> dict[str, Any]:
@@ -386,15 +452,23 @@ class Container:
         capabilities at all for a non-root user); returns its JSON."""
         cmd: list[str] = []
         if user != "root":
-            cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups",
-                   "--inh-caps=-all", "--bounding-set=-all"]
+            cmd = [
+                "setpriv",
+                f"--reuid={user}",
+                f"--regid={user}",
+                "--init-groups",
+                "--inh-caps=-all",
+                "--bounding-set=-all",
+            ]
         cmd += ["/usr/bin/python3", "-I", "-c", AGENT_SOURCE, *map(str, args)]
         r = self.exec(cmd, check=False, timeout=timeout)
         try:
             result: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
         except (IndexError, ValueError):
-            raise LabError(f"agent {args!r} as {user} exited {r.returncode} without JSON:\n"
-                           f"stdout: {r.stdout[-2000:]}\nstderr: {r.stderr[-3000:]}") from None
+            raise LabError(
+                f"agent {args!r} as {user} exited {r.returncode} without JSON:\n"
+                f"stdout: {r.stdout[-2000:]}\nstderr: {r.stderr[-3000:]}"
+            ) from None
         return result
 
     def show(self, unit: str, *props: str) -> dict[str, str]:
@@ -406,27 +480,36 @@ class Container:
     def journal(self, *matches: str, unit: str | None = "egressd") -> list[dict[str, Any]]:
         """journalctl -b [-u UNIT] -o json MATCH... (this boot, oldest first)."""
         sel = ["-u", unit] if unit else []
-        r = self.exec(["journalctl", "-b", *sel, "-o", "json", "--all", "--no-pager",
-                       *matches], check=False)
+        r = self.exec(
+            ["journalctl", "-b", *sel, "-o", "json", "--all", "--no-pager", *matches], check=False
+        )
         return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
 
-    def journal_wait(self, *matches: str, count: int = 1, timeout: float = 10,
-                     unit: str | None = "egressd") -> list[dict[str, Any]]:
-        found = _poll(lambda: (lambda j: j if len(j) >= count else None)(
-            self.journal(*matches, unit=unit)), timeout, interval=0.2)
+    def journal_wait(
+        self, *matches: str, count: int = 1, timeout: float = 10, unit: str | None = "egressd"
+    ) -> list[dict[str, Any]]:
+        found = poll(
+            lambda: (lambda j: j if len(j) >= count else None)(self.journal(*matches, unit=unit)),
+            timeout,
+            interval=0.2,
+        )
         return found or self.journal(*matches, unit=unit)
 
     def diagnostics(self) -> str:
         if self._closed or not self.pid1:
-            return f"--- nspawn log ---\n{_tail(self.log)}"
-        parts = [f"--- nspawn log ---\n{_tail(self.log)}"]
-        for cmd in (["systemctl", "status", "egressd", "--no-pager", "-l"],
-                    ["systemctl", "--failed", "--no-pager"],
-                    ["journalctl", "-b", "-u", "egressd", "--no-pager", "-n", "80"],
-                    ["iptables-save"], ["ipset", "list", "-t"]):
+            return f"--- nspawn log ---\n{tail(self.log)}"
+        parts = [f"--- nspawn log ---\n{tail(self.log)}"]
+        for cmd in (
+            ["systemctl", "status", "egressd", "--no-pager", "-l"],
+            ["systemctl", "--failed", "--no-pager"],
+            ["journalctl", "-b", "-u", "egressd", "--no-pager", "-n", "80"],
+            ["iptables-save"],
+            ["ipset", "list", "-t"],
+        ):
             r = self.exec(cmd, check=False)
-            parts.append(f"--- container: {shlex.join(cmd)} ---\n{r.stdout[-5000:]}"
-                         f"{r.stderr[-1000:]}")
+            parts.append(
+                f"--- container: {shlex.join(cmd)} ---\n{r.stdout[-5000:]}{r.stderr[-1000:]}"
+            )
         return "\n".join(parts)
 
     # ---- teardown
@@ -459,16 +542,17 @@ class Container:
         if self._pid1_alive():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid1, signal.SIGKILL)
-            if not _poll(lambda: not self._pid1_alive(), 10):
+            if not poll(lambda: not self._pid1_alive(), 10):
                 errors.append(f"container PID 1 ({self.pid1}) survived SIGKILL")
         for cg in self._cgroups:
             if not cg.exists():
                 continue
-            subdirs = sorted((p for p in cg.rglob("*") if p.is_dir()),
-                             key=lambda p: len(p.parts), reverse=True)
+            subdirs = sorted(
+                (p for p in cg.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
+            )
             for d in [*subdirs, cg]:
                 # A cgroup is removable once its last process is reaped.
-                if not _poll(lambda d=d: _try_rmdir(d), 10):
+                if not poll(lambda d=d: _try_rmdir(d), 10):
                     errors.append(f"could not remove cgroup {d}")
         for d in reversed(self._created_dirs):
             with contextlib.suppress(OSError):

@@ -20,6 +20,7 @@ from lab import (
     ROGUE_V6,
     Daemon,
     Lab,
+    poll,
 )
 
 pytestmark = pytest.mark.netns
@@ -91,15 +92,6 @@ def ipset_members(lab: Lab, name: str) -> dict[str, int]:
             parts = line.split()
             members[parts[0]] = int(parts[2]) if len(parts) >= 3 else 0
     return members
-
-
-def wait_until(cond: Any, timeout: float, interval: float = 0.2) -> Any:
-    end = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value or time.monotonic() > end:
-            return value
-        time.sleep(interval)
 
 
 BASIC = {
@@ -201,12 +193,12 @@ def test_rotated_address_new_ip_works_old_expires_live_connection_survives(lab: 
     time.sleep(0.5)  # the connection is open now, before the grant expires
 
     lab.dns.set({"rot.test.": [["A", "203.0.113.21", 1]]})
-    new = wait_until(lambda: lab.agent("resolve", "rot.test", "4")["addrs"] == ["203.0.113.21"], 10)
+    new = poll(lambda: lab.agent("resolve", "rot.test", "4")["addrs"] == ["203.0.113.21"], 10)
     assert new, "the new address never came through"
     assert lab.agent("connect", "203.0.113.21", 80)["ok"]
 
     # The old address is granted for at most 3 s after its last answer.
-    gone = wait_until(lambda: not lab.agent("connect", "203.0.113.20", 80, 3)["ok"], 10)
+    gone = poll(lambda: not lab.agent("connect", "203.0.113.20", 80, 3)["ok"], 10)
     assert gone, "the old address stayed reachable after its grant expired"
     assert "203.0.113.20" not in ipset_members(lab, "egressd-agent-v4")
     holder.join(30)
@@ -308,7 +300,7 @@ def test_reload_applies_new_allowlist_keeps_grants_and_survives_a_broken_config(
 
     (lab.tmpdir / "egressd.toml.allow.txt").write_text("b.test\n", encoding="utf-8")
     d.signal(signal.SIGHUP)
-    assert wait_until(lambda: len(events(d, "Reloaded")) == 1, 10), d.stderr_text()
+    assert poll(lambda: len(events(d, "Reloaded")) == 1, 10), d.stderr_text()
     assert lab.agent("resolve", "b.test", "4")["addrs"] == ["203.0.113.51"]
     assert lab.agent("connect", "203.0.113.51", 80)["ok"]
     assert lab.agent("resolve", "a.test", "4")["gaierror"] == "EAI_NONAME"
@@ -319,7 +311,7 @@ def test_reload_applies_new_allowlist_keeps_grants_and_survives_a_broken_config(
     text = config.read_text(encoding="utf-8")
     config.write_text(text.replace("[grants]", "[grants]\nfloorr = 3"), encoding="utf-8")
     d.signal(signal.SIGHUP)
-    failed = wait_until(lambda: events(d, "ReloadFailed"), 10)
+    failed = poll(lambda: events(d, "ReloadFailed"), 10)
     assert failed, d.stderr_text()
     msg = failed[0]["EGRESSD_ERROR"]
     line = text.replace("[grants]", "[grants]\nfloorr = 3").splitlines().index("floorr = 3") + 1
@@ -377,7 +369,7 @@ def test_other_uids_are_not_affected(lab: Lab) -> None:
 def test_sd_notify_status_and_watchdog(lab: Lab) -> None:
     lab.dns.set(BASIC)
     d = start(lab, write_config(lab, ["ok.test"]), env={"WATCHDOG_USEC": "200000"})
-    assert wait_until(lambda: sum("WATCHDOG=1" in n for n in d.notifications()) >= 3, 5)
+    assert poll(lambda: sum("WATCHDOG=1" in n for n in d.notifications()) >= 3, 5)
     ready = [n for n in d.notifications() if "READY=1" in n]
     assert ready and "STATUS=" in ready[0]
 
@@ -522,7 +514,7 @@ def test_self_healing_after_tampering(lab: Lab, tamper: list[list[str]]) -> None
     assert lab.agent("resolve", "ok.test", "4")["ok"]
     for cmd in tamper:
         lab.netns_exec("host", cmd)
-    repaired = wait_until(lambda: events(d, "Repaired"), 10)
+    repaired = poll(lambda: events(d, "Repaired"), 10)
     assert repaired, d.stderr_text()
     for table, chain in (("filter", "EGRESSD-OUTPUT"), ("nat", "EGRESSD-DNS")):
         rules = output_rules(lab, table)
@@ -567,7 +559,7 @@ def test_a_flood_of_blocked_names_is_summarised_not_logged_one_by_one(lab: Lab) 
     r = lab.agent("many", json.dumps(names), "--workers=32", timeout=120)
     elapsed = time.monotonic() - started
     assert r["n_ok"] == 0
-    unlogged = wait_until(lambda: events(d, "Unlogged"), 5)
+    unlogged = poll(lambda: events(d, "Unlogged"), 5)
     assert unlogged, d.stderr_text()[-2000:]
     logged = len(events(d, "QueryBlocked"))
     skipped = sum(int(e["EGRESSD_COUNT"]) for e in unlogged)
@@ -597,7 +589,7 @@ def test_changed_grant_settings_and_maxelem_keep_the_sets_and_their_grants(lab: 
     # And on reload.
     config.write_text(config.read_text().replace("maxelem = 4096", "maxelem = 2048"))
     d.signal(signal.SIGHUP)
-    assert wait_until(lambda: events(d, "Reloaded"), 10), d.stderr_text()
+    assert poll(lambda: events(d, "Reloaded"), 10), d.stderr_text()
     header = lab.netns_exec("host", ["ipset", "list", "-t", "egressd-agent-v4"]).stdout
     assert "maxelem 2048" in header, header
     assert "203.0.113.10" in ipset_members(lab, "egressd-agent-v4")
@@ -619,7 +611,7 @@ def test_upstream_failover_and_a_dead_upstream_gives_servfail(lab: Lab) -> None:
     d = start(lab, write_config(lab, ["ok.test"], upstreams=(dead,), upstream_timeout=0.5))
     r = lab.agent("dnsq", ROGUE_V4, 53, "ok.test", "A", "udp", "--edns", "--timeout=10")
     assert r["rcode"] == "SERVFAIL" and r["answers"] == [], r
-    assert wait_until(lambda: events(d, "UpstreamFailed"), 5)
+    assert poll(lambda: events(d, "UpstreamFailed"), 5)
 
 
 def test_a_full_set_means_servfail_never_an_unreachable_address(lab: Lab) -> None:
@@ -631,7 +623,7 @@ def test_a_full_set_means_servfail_never_an_unreachable_address(lab: Lab) -> Non
     assert rcodes[:128] == ["NOERROR"] * 128, rcodes
     assert rcodes[128:] == ["SERVFAIL", "SERVFAIL"], rcodes
     assert all(r["answers"] == [] for r in results[128:])
-    failed = wait_until(lambda: events(d, "GrantFailed"), 5)
+    failed = poll(lambda: events(d, "GrantFailed"), 5)
     assert failed and "full" in failed[0]["EGRESSD_ERROR"], failed
     assert lab.agent("connect", "203.0.113.128", 80)["ok"]
     assert not lab.agent("connect", "203.0.113.129", 80, 3)["ok"]

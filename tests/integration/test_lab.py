@@ -57,8 +57,9 @@ while True:
 
 
 def start_fake(lab: Lab, token: str, journald: bool = False) -> Daemon:
-    return lab.start_process([sys.executable, "-c", FAKE_DAEMON, token], journald=journald,
-                             name="fake")
+    return lab.start_process(
+        [sys.executable, "-c", FAKE_DAEMON, token], journald=journald, name="fake"
+    )
 
 
 def _poll_text(read: Callable[[], str], timeout: float = 5) -> str:
@@ -122,13 +123,15 @@ def test_getaddrinfo_goes_to_rogue_resolver(lab: Lab) -> None:
 
 
 def test_fake_dns_records_cname_and_aaaa(lab: Lab) -> None:
-    lab.dns.set({
-        "www.example.test": [["CNAME", "edge.cdn.test.", 30]],
-        "edge.cdn.test.": [["CNAME", "node7.cdn.test.", 40]],
-        "NODE7.cdn.test": [["A", "203.0.113.7", 60], ["AAAA", "2001:db8:113::7", 70]],
-        "txt.test": [["TXT", "hello world", 5]],
-        "dangling.test": [["CNAME", "nowhere.test.", 30]],
-    })
+    lab.dns.set(
+        {
+            "www.example.test": [["CNAME", "edge.cdn.test.", 30]],
+            "edge.cdn.test.": [["CNAME", "node7.cdn.test.", 40]],
+            "NODE7.cdn.test": [["A", "203.0.113.7", 60], ["AAAA", "2001:db8:113::7", 70]],
+            "txt.test": [["TXT", "hello world", 5]],
+            "dangling.test": [["CNAME", "nowhere.test.", 30]],
+        }
+    )
     r = lab.agent("dnsq", INET_V4, 53, "WWW.example.test", "A", "udp")
     assert r["ok"] and r["rcode"] == "NOERROR" and r["id_match"] and not r["tc"]
     assert r["answers"] == [
@@ -139,7 +142,8 @@ def test_fake_dns_records_cname_and_aaaa(lab: Lab) -> None:
     r6 = lab.agent("dnsq", INET_V6, 53, "www.example.test", "AAAA", "tcp")
     assert r6["answers"][-1] == ["node7.cdn.test.", "AAAA", "2001:db8:113::7", 70]
     assert lab.agent("dnsq", INET_V4, 53, "txt.test", "TXT", "udp")["answers"] == [
-        ["txt.test.", "TXT", "hello world", 5]]
+        ["txt.test.", "TXT", "hello world", 5]
+    ]
 
     nx = lab.agent("dnsq", INET_V4, 53, "missing.test", "A", "udp")
     assert nx["rcode"] == "NXDOMAIN" and nx["answers"] == []
@@ -157,7 +161,10 @@ def test_fake_dns_records_cname_and_aaaa(lab: Lab) -> None:
 
     log = lab.dns.queries(qname="www.example.test.")
     assert [(q["qtype"], q["transport"], q["src"]) for q in log] == [
-        ("A", "udp", HOST_V4), ("AAAA", "tcp", HOST_V6), ("A", "udp", HOST_V4)]
+        ("A", "udp", HOST_V4),
+        ("AAAA", "tcp", HOST_V6),
+        ("A", "udp", HOST_V4),
+    ]
     assert all(not q["has_edns"] and q["arcount"] == 0 for q in log)
 
 
@@ -212,8 +219,12 @@ def test_servfail_drop_and_raw(lab: Lab) -> None:
 
 
 def test_tcp_echo_v4_v6_and_hold(lab: Lab) -> None:
-    for ip, port in (("203.0.113.7", 80), ("2001:db8:113::7", 80), ("203.0.113.200", 443),
-                     (INET_V4, 80)):
+    for ip, port in (
+        ("203.0.113.7", 80),
+        ("2001:db8:113::7", 80),
+        ("203.0.113.200", 443),
+        (INET_V4, 80),
+    ):
         r = lab.agent("connect", ip, port)
         assert r["ok"] and r["echo"] == "ping\n", (ip, port, r)
     held = lab.agent("hold", "2001:db8:113::7", 80, 2)
@@ -230,7 +241,10 @@ def test_udp_echo(lab: Lab) -> None:
         assert lab.agent("udp", ip, 9999)["ok"], ip
     assert lab.agent("udp", "203.0.113.8", 9998)["error"] == "refused"
     assert {c["dst"] for c in lab.echo.connections(event="datagram")} == {
-        "203.0.113.8", "2001:db8:113::8", INET_V4}
+        "203.0.113.8",
+        "2001:db8:113::8",
+        INET_V4,
+    }
 
 
 def test_many_resolve_and_connect(lab: Lab) -> None:
@@ -262,8 +276,9 @@ def test_process_runner_kill_and_early_exit(lab: Lab) -> None:
     d = start_fake(lab, "k")
     d.wait_ready()
     assert d.kill() == -signal.SIGKILL
-    dead = lab.start_process([sys.executable, "-c",
-                              "import sys; sys.stderr.write('boom: bad config\\n'); sys.exit(3)"])
+    dead = lab.start_process(
+        [sys.executable, "-c", "import sys; sys.stderr.write('boom: bad config\\n'); sys.exit(3)"]
+    )
     with pytest.raises(LabError, match="boom: bad config"):
         dead.wait_ready(timeout=10)
     assert dead.returncode == 3

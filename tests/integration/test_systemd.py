@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lab import INET_V4, ROGUE_ANSWER, ROGUE_V4, Lab
+from lab import INET_V4, ROGUE_ANSWER, ROGUE_V4, Lab, poll
 from rootfs import AGENT_USER, Container, RootfsError, build, mounts_under, prepare_for_lab
 from rootfs import remove_tree as remove_rootfs
 
@@ -107,11 +107,16 @@ def host_snapshot() -> dict[str, Any]:
         "/opt": _walk("/opt", depth=2),
         "/usr/local/sbin": _walk("/usr/local/sbin"),
         "/etc/egressd": _walk("/etc/egressd"),
-        "/run/systemd": sorted(os.listdir("/run/systemd")) if os.path.isdir("/run/systemd")
+        "/run/systemd": sorted(os.listdir("/run/systemd"))
+        if os.path.isdir("/run/systemd")
         else None,
     }
-    for cmd in (["iptables", "-S"], ["ip6tables", "-S"], ["ipset", "list", "-n"],
-                ["iptables", "-t", "nat", "-S"]):
+    for cmd in (
+        ["iptables", "-S"],
+        ["ip6tables", "-S"],
+        ["ipset", "list", "-n"],
+        ["iptables", "-t", "nat", "-S"],
+    ):
         r = subprocess.run(cmd, capture_output=True, text=True, check=False)
         snap[" ".join(cmd)] = (r.returncode, r.stdout)
     return snap
@@ -148,8 +153,11 @@ def _say(request: pytest.FixtureRequest, text: str) -> None:
 def rootfs(netns_session: None, request: pytest.FixtureRequest) -> Iterator[Path]:
     missing = [t for t in REQUIRED if shutil.which(t) is None]
     if missing:
-        pytest.fail(f"test_systemd needs {', '.join(missing)} (tests/run installs "
-                    f"debootstrap and systemd-container)", pytrace=False)
+        pytest.fail(
+            f"test_systemd needs {', '.join(missing)} (tests/run installs "
+            f"debootstrap and systemd-container)",
+            pytrace=False,
+        )
     before = host_snapshot()
     parent = Path(tempfile.mkdtemp(prefix="egd-systemd-"))
     root = parent / "root"
@@ -162,8 +170,12 @@ def rootfs(netns_session: None, request: pytest.FixtureRequest) -> Iterator[Path
             failure = f"{err}\n(the build dir is kept with EGD_LAB_KEEP=1)"
         if failure:
             pytest.fail(failure, pytrace=False)
-        _say(request, f"root built in {time.monotonic() - started:.0f}s ("
-             + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()) + ")")
+        _say(
+            request,
+            f"root built in {time.monotonic() - started:.0f}s ("
+            + ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
+            + ")",
+        )
         yield root
     finally:
         keep = bool(os.environ.get("EGD_LAB_KEEP"))
@@ -188,11 +200,22 @@ def booted(rootfs: Path, request: pytest.FixtureRequest) -> Iterator[Booted]:
         ct = Container(rootfs, lab.host, rootfs.parent / "nspawn.log")
         _say(request, f"container booted in {time.monotonic() - started:.1f}s")
         # The state right after boot, before any test restarted or reloaded anything.
-        _poll(lambda: ct.show(UNIT, "ActiveState")["ActiveState"] != "activating", 30)
-        boot = ct.show(UNIT, "ActiveState", "SubState", "Type", "NotifyAccess",
-                       "WatchdogUSec", "NRestarts", "StatusText", "MainPID", "InvocationID",
-                       "UnitFileState", "ExecMainStartTimestampMonotonic",
-                       "ActiveEnterTimestampMonotonic")
+        poll(lambda: ct.show(UNIT, "ActiveState")["ActiveState"] != "activating", 30)
+        boot = ct.show(
+            UNIT,
+            "ActiveState",
+            "SubState",
+            "Type",
+            "NotifyAccess",
+            "WatchdogUSec",
+            "NRestarts",
+            "StatusText",
+            "MainPID",
+            "InvocationID",
+            "UnitFileState",
+            "ExecMainStartTimestampMonotonic",
+            "ActiveEnterTimestampMonotonic",
+        )
         uid = int(ct.exec(["id", "-u", AGENT_USER]).stdout)
         yield Booted(lab, ct, rootfs, uid, boot)
     finally:
@@ -217,21 +240,12 @@ def env(booted: Booted, request: pytest.FixtureRequest) -> Iterator[Booted]:
         print(booted.lab.diagnostics())
 
 
-def _poll(cond: Any, timeout: float, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
-
-
 def wait_active(ct: Container, timeout: float = 20) -> dict[str, str]:
     def state() -> dict[str, str] | None:
         s = ct.show(UNIT, "ActiveState", "SubState", "NRestarts", "MainPID")
         return s if s["ActiveState"] == "active" and s["SubState"] == "running" else None
 
-    got = _poll(state, timeout)
+    got = poll(state, timeout)
     assert got, f"egressd not active again within {timeout}s: {ct.show(UNIT, 'ActiveState')}"
     return got
 
@@ -256,10 +270,14 @@ def test_boot_starts_the_enabled_unit_as_a_notify_service_with_watchdog(env: Boo
     # Active only once egressd said READY=1: systemd's "Started" comes after egressd's own
     # "serving on" record, well after the process was spawned (Type=simple: the same µs).
     inv = boot["InvocationID"]
-    serving = [r for r in ct.journal("EGRESSD_EVENT=Started")
-               if r.get("_SYSTEMD_INVOCATION_ID") == inv]
-    done = [r for r in ct.journal(f"MESSAGE_ID={MSG_UNIT_STARTED}", unit=None)
-            if r.get("INVOCATION_ID") == inv and r.get("UNIT") == UNIT]
+    serving = [
+        r for r in ct.journal("EGRESSD_EVENT=Started") if r.get("_SYSTEMD_INVOCATION_ID") == inv
+    ]
+    done = [
+        r
+        for r in ct.journal(f"MESSAGE_ID={MSG_UNIT_STARTED}", unit=None)
+        if r.get("INVOCATION_ID") == inv and r.get("UNIT") == UNIT
+    ]
     assert serving and done, (serving, done)
     assert int(serving[0]["__MONOTONIC_TIMESTAMP"]) <= int(done[0]["__MONOTONIC_TIMESTAMP"])
     spawned = int(boot["ExecMainStartTimestampMonotonic"])
@@ -267,8 +285,10 @@ def test_boot_starts_the_enabled_unit_as_a_notify_service_with_watchdog(env: Boo
     assert active > spawned, boot
     assert ct.exec(["systemctl", "is-active", UNIT], check=False).stdout.strip() == "active"
     # What install.sh laid down: the venv, the command, the config for the created user.
-    assert ct.exec(["readlink", "/usr/local/sbin/egressd"]).stdout.strip() == \
-        "/opt/egressd/bin/egressd"
+    assert (
+        ct.exec(["readlink", "/usr/local/sbin/egressd"]).stdout.strip()
+        == "/opt/egressd/bin/egressd"
+    )
     assert 'users = ["agent"]' in ct.exec(["cat", CONFIG]).stdout
     assert ct.exec(["egressd", "check-config", "--config", CONFIG], check=False).returncode == 0
     # Rules are in the lab namespace the container runs in.
@@ -334,8 +354,9 @@ def test_blocked_query_is_a_structured_record_in_the_units_journal(env: Booted) 
     assert rec["_TRANSPORT"] == "journal", rec  # native fields, not parsed stdout
     assert name in rec["MESSAGE"]
     # And by message id, any unit.
-    assert any(r.get("EGRESSD_QNAME") == name
-               for r in ct.journal(f"MESSAGE_ID={MSG_BLOCKED}", unit=None))
+    assert any(
+        r.get("EGRESSD_QNAME") == name for r in ct.journal(f"MESSAGE_ID={MSG_BLOCKED}", unit=None)
+    )
     assert env.lab.dns.queries(qname=f"{name}.") == []
     # Allowed queries are not logged.
     assert ct.agent("resolve", "pypi.org", "4")["ok"]
@@ -355,8 +376,9 @@ def _reload(ct: Container, event: str) -> dict[str, Any]:
     before = len(_events(ct, event))
     r = ct.exec(["systemctl", "reload", UNIT], check=False)
     assert r.returncode == 0, f"systemctl reload failed: {r.stderr}\n" + "\n".join(
-        x.get("MESSAGE", "") for x in ct.journal()[-6:])
-    got = _poll(lambda: (lambda e: e if len(e) > before else None)(_events(ct, event)), 10)
+        x.get("MESSAGE", "") for x in ct.journal()[-6:]
+    )
+    got = poll(lambda: (lambda e: e if len(e) > before else None)(_events(ct, event)), 10)
     assert got, f"no {event} record after systemctl reload"
     return got[-1]
 
@@ -384,8 +406,12 @@ def test_reload_applies_a_changed_allowlist_and_survives_a_broken_config(env: Bo
         assert f"{CONFIG}:{line}" in msg and "grants.floorr" in msg, msg
         assert failed["PRIORITY"] == "3", failed
         state = ct.show(UNIT, "ActiveState", "SubState", "MainPID", "NRestarts")
-        assert state == {"ActiveState": "active", "SubState": "running", "MainPID": pid,
-                         "NRestarts": restarts}, state
+        assert state == {
+            "ActiveState": "active",
+            "SubState": "running",
+            "MainPID": pid,
+            "NRestarts": restarts,
+        }, state
         assert ct.agent("resolve", "docs.example.org", "4")["addrs"] == ["203.0.113.81"]
         assert ct.agent("resolve", "evil.example", "4")["gaierror"] == "EAI_NONAME"
     finally:
@@ -405,7 +431,7 @@ def test_crash_is_restarted_and_stop_fails_closed(env: Booted) -> None:
     try:
         # A crash: systemd restarts it (Restart=on-failure, RestartSec=1)...
         ct.exec(["systemctl", "kill", "-s", "SIGKILL", UNIT])
-        gone = _poll(lambda: ct.show(UNIT, "MainPID")["MainPID"] != before["MainPID"], 5)
+        gone = poll(lambda: ct.show(UNIT, "MainPID")["MainPID"] != before["MainPID"], 5)
         assert gone, "egressd was not killed"
         # ...and in between, the rules stay: the agent reaches nothing new.
         rules = egressd_rules(ct)
@@ -457,12 +483,12 @@ def test_crash_is_restarted_and_stop_fails_closed(env: Booted) -> None:
 # --------------------------------------------------------------------------- 6 the unit
 
 
-def test_unit_verifies_and_security_score(env: Booted, capsys: pytest.CaptureFixture[str]
-                                          ) -> None:
+def test_unit_verifies_and_security_score(env: Booted, capsys: pytest.CaptureFixture[str]) -> None:
     ct = env.ct
     # --man=no: the root has no man-db, so Documentation=man:iptables(8) can't be checked.
-    v = ct.exec(["systemd-analyze", "verify", "--man=no", f"/etc/systemd/system/{UNIT}"],
-                check=False)
+    v = ct.exec(
+        ["systemd-analyze", "verify", "--man=no", f"/etc/systemd/system/{UNIT}"], check=False
+    )
     assert v.returncode == 0 and not (v.stdout + v.stderr).strip(), v.stdout + v.stderr
     s = ct.exec(["systemd-analyze", "security", "--no-pager", UNIT], check=False)
     m = re.search(r"Overall exposure level for \S+: ([0-9.]+) (\w+)", s.stdout)
