@@ -628,3 +628,25 @@ def test_a_full_set_means_servfail_never_an_unreachable_address(lab: Lab) -> Non
     assert lab.agent("connect", "203.0.113.128", 80)["ok"]
     assert not lab.agent("connect", "203.0.113.129", 80, 3)["ok"]
     assert d.running
+
+
+def test_reload_moves_the_listener_to_a_new_port(lab: Lab) -> None:
+    lab.dns.set(BASIC)
+    config = write_config(lab, ["ok.test"])
+    d = start(lab, config)
+    assert lab.agent("resolve", "ok.test", "4")["ok"]
+    config.write_text(config.read_text().replace(f"port = {PORT}", "port = 155"))
+    d.signal(signal.SIGHUP)
+    assert poll(lambda: events(d, "Reloaded"), 10), d.stderr_text()
+    nat = lab.netns_exec("host", ["iptables", "-t", "nat", "-S", "EGRESSD-DNS"]).stdout
+    assert "--to-ports 155" in nat and f"--to-ports {PORT}" not in nat, nat
+    for server in (ROGUE_V4, ROGUE_V6):
+        for proto in ("udp", "tcp"):
+            r = lab.agent("dnsq", server, 53, "ok.test", "A", proto)
+            assert r["rcode"] == "NOERROR", (server, proto, r)
+    assert lab.agent("resolve", "blocked.test", "4")["gaierror"] == "EAI_NONAME"
+    # The old port is closed, and the agent may not talk to it anyway.
+    old = lab.agent("dnsq", "127.0.0.1", PORT, "ok.test", "A", "udp", "--timeout=2")
+    assert not old["ok"], old
+    listening = lab.netns_exec("host", ["ss", "-lnu"]).stdout
+    assert f":{PORT} " not in listening and ":155 " in listening, listening
