@@ -22,7 +22,7 @@ import dns.rdataclass
 import dns.rdatatype
 
 from . import answers, replies
-from .allowlist import labels_of
+from .allowlist import Labels, labels_of
 from .cache import NEGATIVE_TTL_CAP, Cache, Entry, aged, capped
 from .errors import FirewallError, UpstreamError
 from .events import Error, Event, GrantFailed, QueryBlocked, QueryRefused, UpstreamFailed
@@ -95,10 +95,11 @@ class Pipeline:
 
         question = query.question[0]
         qname, qtype = question.name, question.rdtype
-        decision = decide(pp.matcher, labels_of(qname))
+        labels = labels_of(qname)
+        decision = decide(pp.matcher, labels)
         if not decision.allowed:
             return self._blocked(query, pp, decision, client)
-        return await self._allowed(query, pp, qname, qtype, client)
+        return await self._allowed(query, pp, qname, labels, qtype, client)
 
     def _parse(self, wire: bytes) -> dns.message.Message | None:
         try:
@@ -145,11 +146,12 @@ class Pipeline:
         query: dns.message.Message,
         pp: ProfilePolicy,
         qname: dns.name.Name,
+        labels: Labels,
         qtype: int,
         client: str,
     ) -> dns.message.Message:
         # Per profile: the CNAME chain was checked against this profile's deny rules only.
-        key = (pp.profile.name, labels_of(qname), qtype)
+        key = (pp.profile.name, labels, qtype)
         now = self.clock()
         hit = self.cache.get(key, now)
         if hit is not None:
