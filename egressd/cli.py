@@ -9,11 +9,14 @@ import sys
 from collections.abc import Callable, Sequence
 
 from . import __version__
-from .config import CommandLine, Config, from_command_line, load
+from .config import CommandLine, Config, Sources, from_command_line, load
 from .errors import ConfigError, FirewallError
 from .journal import Reporter
+from .subids import getsubids
 
 DEFAULT_CONFIG = "/etc/egressd/egressd.toml"
+# The real system, plus the NSS subordinate uid ranges (config itself runs no programs).
+SOURCES = Sources(nss_subuids=getsubids)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,6 +70,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="shortest time a resolved address stays allowed (grant floor)",
     )
+    one.add_argument(
+        "--allow-private",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="answers may carry addresses of this private network, e.g. a test zone's "
+        "(repeatable; the rebinding guard drops private addresses otherwise)",
+    )
     run.add_argument(
         "--log",
         choices=("auto", "journal", "json"),
@@ -89,12 +100,13 @@ def _loader(args: argparse.Namespace) -> Callable[[], Config]:
         or args.upstream
         or args.listen
         or args.min_ttl is not None
+        or args.allow_private
     )
     if args.config and one_line:
         raise ConfigError("use either --config or the one-line options (--user ...), not both")
     if args.config:
         path = args.config
-        return lambda: load(path)
+        return lambda: load(path, SOURCES)
     cl = CommandLine(
         users=args.user,
         allowlists=args.allowlist,
@@ -102,8 +114,9 @@ def _loader(args: argparse.Namespace) -> Callable[[], Config]:
         upstreams=args.upstream,
         listen=args.listen,
         min_ttl=args.min_ttl,
+        allow_private=args.allow_private,
     )
-    return lambda: from_command_line(cl)
+    return lambda: from_command_line(cl, SOURCES)
 
 
 def _need_root() -> None:
@@ -116,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         try:
-            config = load(args.config)
+            config = load(args.config, SOURCES)
         except ConfigError as err:
             print(f"egressd: {err}", file=sys.stderr)
             return 2
@@ -125,6 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"profile {p.name}: uids {','.join(map(str, p.uids))}, port {p.port}, "
                 f"{len(p.rules)} rules"
             )
+            if p.uid_ranges:
+                ranges = ",".join(f"{a}-{b}" for a, b in p.uid_ranges)
+                print(f"profile {p.name}: subordinate uids {ranges} (restricted too)")
         print(f"upstreams: {', '.join(map(str, config.daemon.upstreams))}")
         return 0
 

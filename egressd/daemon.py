@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -29,18 +30,28 @@ from .events import (
     Started,
     Stopping,
 )
+from .firewall import rules
 from .firewall.iptables_ipset import IptablesIpset, ipv6_available
+from .firewall.watch import RulesetWatch
 from .ledger import Ledger
 from .listener import Listener
+from .localaddrs import LocalAddressError, LocalAddresses
 from .pipeline import Pipeline, PolicyRef
 from .policy import Policy
 from .stats import Stats
 from .upstream import UpstreamResolver
 
 UNPRIVILEGED_PORT_START = "/proc/sys/net/ipv4/ip_unprivileged_port_start"
+# The restricted uids of the last good install, read at boot by packaging/egressd-lockdown.
+STATE_DIR = "/var/lib/egressd"
+RESTRICTED_FILE = "restricted"
 STOP_GRACE = 2.0  # seconds in-flight queries get to finish on SIGTERM
 PRUNE_INTERVAL = 60.0
 STATUS_INTERVAL = 10.0
+TICK = 1.0  # housekeeping period; also the rules poll period when there are no events
+# After an nf_tables event, wait this long before verifying so that one verify covers the
+# whole burst (`nft flush ruleset`, a tool restoring its rules, egressd's own apply).
+DEBOUNCE = 0.05
 
 
 def check_ports(config: Config, path: str = UNPRIVILEGED_PORT_START) -> None:
@@ -52,8 +63,14 @@ def check_ports(config: Config, path: str = UNPRIVILEGED_PORT_START) -> None:
     try:
         with open(path) as fh:
             start = int(fh.read().strip())
-    except (OSError, ValueError):
-        start = 1024
+    except (OSError, ValueError) as err:
+        # Not "1024 then": containers and rootless setups often set it to 0, and guessing
+        # wrong would let the agent squat the listener while egressd is down.
+        raise ConfigError(
+            f"cannot read {path} ({err}), so cannot tell whether the listener port can be "
+            "bound by any user; refusing to start",
+            file=config.path,
+        ) from None
     for p in config.profiles:
         if p.port >= start:
             raise ConfigError(
@@ -67,11 +84,15 @@ def check_ports(config: Config, path: str = UNPRIVILEGED_PORT_START) -> None:
 class Daemon:
     def __init__(self, load: Callable[[], Config], report: Callable[[Event], None]) -> None:
         self.load = load
+        self.state_dir = os.environ.get("EGRESSD_STATE_DIR") or STATE_DIR
         self.blocklog = BlockLog(report)
         self.report: Callable[[Event], None] = self.blocklog
         self.stats = Stats()
         self.firewall = IptablesIpset()
+        self.watch = RulesetWatch()  # nf_tables change events: repair within a second
         self.ledger = Ledger()
+        self.local = LocalAddresses()  # the host's own addresses, for the rebinding guard
+        self._local_error = ""
         self.listeners: dict[int, Listener] = {}
         self.ref: PolicyRef | None = None
         self.pipeline: Pipeline | None = None
@@ -93,10 +114,16 @@ class Daemon:
             return 2
         policy = Policy(config)
         try:
+            await self._check_marks(policy)
             found = await self.firewall.install(policy)
         except FirewallError as err:
             self.report(Error("firewall install", str(err)))
+            try:
+                await self.firewall.lock(policy)  # not started: then closed, not open
+            except FirewallError as lock_err:
+                self.report(Error("firewall deny-all", str(lock_err)))
             return 1
+        self._save_restricted(policy)
         now = time.monotonic()
         for set_name, entries in found.items():
             self.ledger.load(set_name, entries, now)
@@ -112,6 +139,7 @@ class Daemon:
             self.report,
             self.stats,
         )
+        await self._refresh_local()  # before the first query
         try:
             await self._sync_listeners(config)
         except OSError as err:
@@ -124,6 +152,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)
         loop.add_signal_handler(signal.SIGTERM, self._request_stop, "SIGTERM")
         loop.add_signal_handler(signal.SIGINT, self._request_stop, "SIGINT")
+        await self.watch.start(self.firewall.families)  # else _maintain polls the rules
 
         listening = [a for lst in self.listeners.values() for a in lst.addresses]
         self.report(
@@ -151,8 +180,41 @@ class Daemon:
             for t in tasks:
                 t.cancel()
             await self._close_listeners(grace=STOP_GRACE)
+            self.watch.close()
             await self.firewall.close()
+            await self.local.close()
         return 0
+
+    async def _check_marks(self, policy: Policy) -> None:
+        """Refuse (or warn about) other rules that write egressd's conntrack mark bits."""
+        clashes = await self.firewall.mark_clashes(policy)
+        if not clashes:
+            return
+        d = policy.config.daemon
+        what = (
+            f"other rules on this host write the conntrack mark bits {d.ct_mask:#010x} "
+            f"that egressd uses to recognise the flows it admitted: {'; '.join(clashes)}. "
+            "Set daemon.ct_mask to bits nobody else writes"
+        )
+        if d.ct_mark_clash == "refuse":
+            raise FirewallError(what + ' (or ct_mark_clash = "warn" to accept the risk)')
+        self.report(Error("conntrack marks", what + "; running anyway (ct_mark_clash = warn)"))
+
+    def _save_restricted(self, policy: Policy) -> None:
+        """The last good set of restricted uids, for the boot-time lockdown."""
+        path = os.path.join(self.state_dir, RESTRICTED_FILE)
+        try:
+            os.makedirs(self.state_dir, mode=0o755, exist_ok=True)
+            tmp = f"{path}.tmp"
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.write(rules.restricted(policy.config.profiles))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except OSError as err:
+            # The running rules are fine; only the next boot's lockdown uses an older list.
+            self.report(Error("state", f"cannot write {path}: {err}"))
 
     def _request_stop(self, reason: str) -> None:
         self._stop_reason = reason
@@ -179,7 +241,8 @@ class Daemon:
             f"{len(profiles)} profile(s), policy {self.ref.policy.digest}; "
             f"{s.queries} queries, {s.blocked} blocked, {s.refused} refused, "
             f"{s.malformed} malformed, {s.servfail_upstream + s.servfail_grant} servfail, "
-            f"{s.repairs} repairs"
+            f"{s.repairs} repairs; rules checked "
+            + ("on nf_tables events" if self.watch.active else f"every {TICK:g} s")
         )
 
     # --- listeners -------------------------------------------------------------------------
@@ -237,6 +300,7 @@ class Daemon:
                 self._reload_failed(old, err)
                 return False
             try:
+                await self._check_marks(new)
                 found = await self.firewall.install(new)
             except FirewallError as err:
                 for port in set(self.listeners) - had:
@@ -248,11 +312,13 @@ class Daemon:
             now = time.monotonic()
             for set_name, entries in found.items():
                 self.ledger.load(set_name, entries, now)
+            self._save_restricted(new)
             # The swap: queries from here on see the new policy.
             self.ref.policy = new
             self.pipeline.resolver = resolver
             self.pipeline.cache.clear()  # cached chains were checked against the old rules
             self.pipeline.cache.capacity = config.daemon.cache_entries
+            await self._refresh_local()
             for port in stale:
                 await self.listeners.pop(port).close(grace=STOP_GRACE)
             self.stats.reloads += 1
@@ -278,39 +344,87 @@ class Daemon:
             await asyncio.sleep(interval)
 
     async def _maintain(self) -> None:
-        """Prune the ledger and check (and repair) the firewall state now and then."""
+        """Prune the ledger and check (and repair) the firewall state now and then.
+
+        The rules are verified after every nf_tables change event (debounced), or every
+        TICK where there are no events; everything, sets included, every verify_interval.
+        """
         assert self.ref is not None
-        last_verify = last_prune = last_status = time.monotonic()
+        last_verify = last_prune = last_status = last_tick = time.monotonic()
+        # Verify the rules once at start: a change between install and the watch's start
+        # sent no event to us.
+        changed = True
         while True:
-            await asyncio.sleep(1.0)
             try:
-                self.blocklog.flush()
-                self.stats.blocked_unlogged = self.blocklog.unlogged_total
-                now = time.monotonic()
-                if now - last_status >= STATUS_INTERVAL:
-                    sdnotify.status(self._status())  # what `systemctl status` shows
-                    last_status = now
-                if now - last_prune >= PRUNE_INTERVAL:
-                    self.ledger.prune(now)
-                    last_prune = now
                 interval = self.ref.policy.config.daemon.verify_interval
-                if interval > 0 and now - last_verify >= interval:
-                    last_verify = now
-                    async with self._apply_lock:
-                        await self._verify()
+                if changed:
+                    if interval > 0:
+                        await asyncio.sleep(DEBOUNCE)
+                    since = self.watch.take()  # always taken, or the wait below would spin
+                    if interval > 0:
+                        async with self._apply_lock:
+                            await self._verify(sets=False, since=since)
+                now = time.monotonic()
+                if now - last_tick >= TICK:
+                    last_tick = now
+                    self.blocklog.flush()
+                    self.stats.blocked_unlogged = self.blocklog.unlogged_total
+                    await self._refresh_local()  # one netlink dump: cheap
+                    if now - last_status >= STATUS_INTERVAL:
+                        sdnotify.status(self._status())  # what `systemctl status` shows
+                        last_status = now
+                    if now - last_prune >= PRUNE_INTERVAL:
+                        self.ledger.prune(now)
+                        last_prune = now
+                    if interval > 0 and now - last_verify >= interval:
+                        last_verify = now
+                        async with self._apply_lock:
+                            await self._verify()
+                    elif interval > 0 and not self.watch.active:
+                        async with self._apply_lock:
+                            await self._verify(sets=False)  # no events here: poll the rules
             except Exception as err:  # noqa: BLE001 - keep maintaining; say what went wrong
                 self.report(Error("maintenance", f"{type(err).__name__}: {err}"))
+            changed = await self._ruleset_changed(last_tick + TICK - time.monotonic())
 
-    async def _verify(self) -> None:
-        assert self.ref is not None
+    async def _ruleset_changed(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for an nf_tables change event."""
+        if self.watch.changed.is_set():
+            return True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.watch.changed.wait(), max(timeout, 0.0))
+            return True
+        return False
+
+    async def _refresh_local(self) -> None:
+        """Give the pipeline the host's current addresses (the rebinding guard drops them)."""
+        assert self.pipeline is not None
         try:
-            problems = await self.firewall.verify(self.ref.policy)
+            addresses = await self.local.dump()
+        except LocalAddressError as err:
+            # The CIDR table still applies; the host's public addresses are the ones missed.
+            # Said once per failure streak, not once a second.
+            if str(err) != self._local_error:
+                self._local_error = str(err)
+                self.report(Error("local addresses", str(err)))
+            return
+        self._local_error = ""
+        self.pipeline.set_local_addresses(addresses)
+
+    async def _verify(self, *, sets: bool = True, since: float | None = None) -> None:
+        """since: when the change event that prompted this verify arrived (monotonic)."""
+        assert self.ref is not None
+        detected = time.monotonic()
+        try:
+            problems = await self.firewall.verify(self.ref.policy, sets=sets)
         except FirewallError as err:
             self.report(Error("firewall verify", str(err)))
             return
         if problems:
+            # How long the rules were off: from the first event (or this verify) to now.
+            window = time.monotonic() - (detected if since is None else since)
             self.stats.repairs += 1
             if any(p.startswith("set ") for p in problems):
                 # A re-created set is empty: grants must be written again.
                 self.ledger.forget()
-            self.report(Repaired("; ".join(problems)))
+            self.report(Repaired("; ".join(problems), round(window * 1000)))

@@ -82,6 +82,31 @@ class QueryRefused(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class AnswerFiltered(Event):
+    """Special addresses (loopback, RFC 1918, metadata, the host's own...) removed from an
+    answer and never granted: the rebinding guard (egressd.rebind)."""
+
+    MESSAGE_ID: ClassVar[str] = "01e2dc953e1944a7a191df3736262081"
+    PER_QUERY: ClassVar[bool] = True
+    PRIORITY: ClassVar[int] = 4  # warning: possibly an attempt to reach internal services
+    profile: str
+    qname: str
+    qtype: str
+    dropped: tuple[str, ...]  # the removed addresses, as the answer spelled them
+    rules: tuple[str, ...]  # per removed address: the CIDR (or "own-address") that matched
+    reason: str  # "ADDRESS: RULE (WHY); ..."
+    kept: int  # addresses left in the answer; 0: the agent got an empty answer
+    client: str = ""
+
+    def message(self) -> str:
+        left = f"{self.kept} address(es) left" if self.kept else "no address left"
+        return (
+            f"removed {', '.join(self.dropped)} from the {self.qtype} answer for {self.qname} "
+            f"(profile {self.profile}; {left}): {self.reason}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class GrantFailed(Event):
     MESSAGE_ID: ClassVar[str] = "8f3c2d1e6b5a4c3d9e8f7a6b5c4d3e2f"
     PER_QUERY: ClassVar[bool] = True
@@ -168,9 +193,14 @@ class Repaired(Event):
     MESSAGE_ID: ClassVar[str] = "f6a7b8c9d0e14f2a3b4c5d6e7f8091a2"
     PRIORITY: ClassVar[int] = 4
     what: str
+    # Milliseconds from the first nf_tables change event (or, without one, from the verify
+    # that found the drift) until the re-apply was done: how long the rules were off.
+    window_ms: int = 0
 
     def message(self) -> str:
-        return f"firewall state had drifted and was re-applied: {self.what}"
+        return (
+            f"firewall state had drifted and was re-applied within {self.window_ms} ms: {self.what}"
+        )
 
 
 @dataclass(frozen=True, slots=True)

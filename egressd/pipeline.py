@@ -20,12 +20,22 @@ import dns.opcode
 import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
+import dns.rrset
 
-from . import answers, replies
+from . import answers, rebind, replies
 from .allowlist import Labels, labels_of
 from .cache import NEGATIVE_TTL_CAP, Cache, Entry, aged, capped
+from .config import DaemonSettings
 from .errors import FirewallError, UpstreamError
-from .events import Error, Event, GrantFailed, QueryBlocked, QueryRefused, UpstreamFailed
+from .events import (
+    AnswerFiltered,
+    Error,
+    Event,
+    GrantFailed,
+    QueryBlocked,
+    QueryRefused,
+    UpstreamFailed,
+)
 from .ledger import Ledger, Write
 from .policy import Decision, Policy, ProfilePolicy, decide, decide_chain
 from .stats import Stats
@@ -66,6 +76,21 @@ class Pipeline:
         self.report = report
         self.stats = stats or Stats()
         self.clock = clock
+        # The host's own addresses, kept current by the daemon (egressd.localaddrs): an
+        # answer pointing at this host is never granted (egressd.rebind).
+        self.local_addresses: frozenset[rebind.IPAddress] = frozenset()
+        # Each profile's compiled private_answers, rebuilt when a reload swaps the profile.
+        self._exceptions: dict[str, tuple[ProfilePolicy, rebind.Exceptions]] = {}
+
+    def set_local_addresses(self, addresses: frozenset[rebind.IPAddress]) -> bool:
+        """Take the host's current addresses; True when they changed."""
+        if addresses == self.local_addresses:
+            return False
+        self.local_addresses = addresses
+        # Cached answers were screened against the old addresses: one that now points at
+        # this host must not be served from the cache.
+        self.cache.clear()
+        return True
 
     async def handle(self, wire: bytes, port: int, client: str = "") -> dns.message.Message | None:
         """Answer one client message; None means drop it (malformed, or not a query)."""
@@ -171,7 +196,17 @@ class Pipeline:
             deny = decide_chain(pp.matcher, (labels_of(n) for n in ans.chain[1:]))
             if deny is not None:
                 return self._blocked(query, pp, deny, client, reason="CNAME target denied")
-            entry = _entry(response, ans, now, self.ref.policy.config.grants.ceiling)
+            ceiling = self.ref.policy.config.grants.ceiling
+            # Rebinding guard: loopback, private, metadata and this host's addresses leave
+            # the answer here, before the cache, so neither a grant nor a hit ever sees them.
+            screened = self._screen(pp, labels, ans)
+            if screened.dropped:
+                self._filtered(query, pp, screened, client)
+                entry = _screened_entry(
+                    response, ans, screened, now, ceiling, self.ref.policy.config.daemon
+                )
+            else:
+                entry = _entry(response, ans, now, ceiling)
             self.cache.put(key, entry)
             age = 0
             addrs = list(entry.addresses)
@@ -186,6 +221,37 @@ class Pipeline:
         self.stats.allowed += 1
         return replies.answer(
             query, entry.rcode, aged(entry.answer, age), aged(entry.authority, age)
+        )
+
+    def _screen(self, pp: ProfilePolicy, labels: Labels, ans: answers.Answer) -> rebind.Screened:
+        if not ans.addresses:
+            return rebind.Screened((), ())
+        got = self._exceptions.get(pp.profile.name)
+        if got is None or got[0] is not pp:
+            p = pp.profile
+            got = (pp, rebind.Exceptions(p.private_cidrs, p.private_names))
+            self._exceptions[p.name] = got
+        return rebind.screen((a.ip for a in ans.addresses), got[1], self.local_addresses, labels)
+
+    def _filtered(
+        self,
+        query: dns.message.Message,
+        pp: ProfilePolicy,
+        screened: rebind.Screened,
+        client: str,
+    ) -> None:
+        q = query.question[0]
+        self.report(
+            AnswerFiltered(
+                profile=pp.profile.name,
+                qname=q.name.to_text(omit_final_dot=True).lower(),
+                qtype=dns.rdatatype.to_text(q.rdtype),
+                dropped=tuple(d.ip for d in screened.dropped),
+                rules=tuple(d.why.rule for d in screened.dropped),
+                reason="; ".join(f"{d.ip}: {d.why}" for d in screened.dropped),
+                kept=len(screened.kept),
+                client=client,
+            )
         )
 
     async def _grant(
@@ -219,6 +285,56 @@ def _unsupported(query: dns.message.Message) -> str:
     if query.question[0].rdtype in (dns.rdatatype.AXFR, dns.rdatatype.IXFR):
         return "zone transfers are not supported"
     return ""
+
+
+REBIND_RCODES = {
+    "noerror": dns.rcode.NOERROR,
+    "nxdomain": dns.rcode.NXDOMAIN,
+    "refused": dns.rcode.REFUSED,
+    "servfail": dns.rcode.SERVFAIL,
+}
+
+
+def _screened_entry(
+    response: dns.message.Message,
+    ans: answers.Answer,
+    screened: rebind.Screened,
+    now: float,
+    ceiling: int,
+    daemon: DaemonSettings,
+) -> Entry:
+    """The cache entry of an answer the rebinding guard removed addresses from."""
+    drop = {d.ip for d in screened.dropped}
+    if not screened.kept:
+        # Nothing left to reach: an empty answer (its CNAMEs lead nowhere) with the
+        # configured rcode, cached as long as the answer it stands for, like a negative one.
+        return Entry(
+            rcode=REBIND_RCODES[daemon.rebind_rcode],
+            answer=(),
+            authority=(),
+            addresses=(),
+            stored=now,
+            ttl=min(ans.min_ttl or 0, ceiling, NEGATIVE_TTL_CAP),
+        )
+    rrsets = [r for r in (_without(rrset, drop) for rrset in ans.rrsets) if r is not None]
+    kept = answers.Answer(
+        chain=ans.chain,
+        rrsets=tuple(rrsets),
+        addresses=tuple(a for a in ans.addresses if a.ip not in drop),
+    )
+    return _entry(response, kept, now, ceiling)
+
+
+def _without(rrset: dns.rrset.RRset, drop: set[str]) -> dns.rrset.RRset | None:
+    """The rrset without the dropped addresses; None when none is left."""
+    if rrset.rdtype not in (dns.rdatatype.A, dns.rdatatype.AAAA):
+        return rrset
+    keep = [rd for rd in rrset if rd.address not in drop]
+    if len(keep) == len(rrset):
+        return rrset
+    if not keep:
+        return None
+    return dns.rrset.from_rdata_list(rrset.name, rrset.ttl, keep)
 
 
 def _entry(response: dns.message.Message, ans: answers.Answer, now: float, ceiling: int) -> Entry:

@@ -6,6 +6,7 @@ construction, so a query in flight always sees one consistent policy.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 from collections.abc import Iterable, Mapping
@@ -88,7 +89,9 @@ def _digest(config: Config) -> str:
     h.update(repr(config.daemon).encode())
     h.update(repr(config.grants).encode())
     for p in config.profiles:
-        h.update(repr((p.name, p.uids, p.port, p.ports, p.cidrs, p.allow_loopback)).encode())
+        # Every field but the rules (whose file:line sources would change the hash on a
+        # mere re-ordering of comments): uid ranges, mark ids, limits, exceptions...
+        h.update(repr(dataclasses.replace(p, rules=())).encode())
         for r in p.rules:
             h.update(f"{r.pattern}\0".encode())
     return h.hexdigest()[:12]

@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import os
+import shutil
 import socket
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 
 from pyroute2 import AsyncIPSet  # type: ignore[import-untyped]
@@ -28,7 +28,7 @@ from pyroute2.netlink.nfnetlink.ipset import (  # type: ignore[import-untyped]
 from ..errors import FirewallError
 from ..ledger import Write
 from ..policy import Policy
-from . import rules
+from . import marks, rules
 from .base import Found
 
 SET_PREFIX = "egressd-"
@@ -59,7 +59,17 @@ async def _run(argv: Sequence[str], stdin: str | None = None) -> tuple[int, str,
 
 
 def ipv6_available() -> bool:
-    return os.path.exists("/proc/net/if_inet6")
+    """Whether this kernel speaks IPv6 at all (else there is no IPv6 egress to close).
+
+    Only "address family not supported" (ipv6.disable=1, a kernel built without it) means
+    no IPv6 rules. Anything else, an unreadable /proc file included, means IPv6 rules: a
+    wrong "no" would leave the agent's IPv6 egress open, a wrong "yes" only fails loudly.
+    """
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).close()
+    except OSError as err:
+        return err.errno != errno.EAFNOSUPPORT
+    return True
 
 
 class IptablesIpset:
@@ -69,6 +79,8 @@ class IptablesIpset:
         self._ipset: AsyncIPSet | None = None
         self._lock = asyncio.Lock()  # serialises install/verify/uninstall, not allow()
         self.families = (4, 6) if ipv6_available() else (4,)
+        # family -> table -> own_rules() as of the last successful apply (what verify expects)
+        self._applied: dict[int, dict[str, tuple[str, ...]]] = {}
 
     async def _sets(self) -> AsyncIPSet:
         if self._ipset is None:
@@ -292,23 +304,71 @@ class IptablesIpset:
         text = rules.render(
             profiles,
             fam,
+            ct_mask=policy.config.daemon.ct_mask,
             log_rejects=policy.config.daemon.log_rejects,
             missing_jumps=missing,
             stale_jumps=stale,
         )
-        restore = _TOOLS[family][1]
-        rc, _, err = await _run([restore, "-w", "--noflush"], stdin=text)
-        if rc != 0:
-            raise FirewallError(f"{restore} failed (rules unchanged): {err.strip()}")
+        await self._restore(family, text, "rules")
         # Profiles removed by a reload leave chains nobody jumps to any more; drop them.
         wanted = rules.chains(profiles)
         tool = _TOOLS[family][0]
         for table in ("filter", "nat"):
             chains, _ = await self._chains(family, table)
-            for chain in chains:
-                if chain not in wanted[table]:
-                    await _run([tool, "-w", "-t", table, "-F", chain])
-                    await _run([tool, "-w", "-t", table, "-X", chain])
+            gone = [c for c in chains if c not in wanted[table]]
+            # All flushed before any is deleted: a profile chain jumps to its admit and
+            # reject chains, which cannot be deleted while it still refers to them.
+            for chain in gone:
+                await _run([tool, "-w", "-t", table, "-F", chain])
+            for chain in gone:
+                await _run([tool, "-w", "-t", table, "-X", chain])
+        # What verify compares with: egressd's rules as iptables prints them now.
+        listing = await self._listing(family)
+        self._applied[family] = {table: own_rules(text) for table, text in listing.items()}
+
+    async def lock(self, policy: Policy) -> None:
+        """Deny the users everything where egressd's rules are not in place (fail closed)."""
+        async with self._lock:
+            await self._lock_unguarded(policy)
+
+    async def _lock_unguarded(self, policy: Policy) -> None:
+        # Where egressd's filter jump is missing (a first start, a foreign flush), every
+        # family first gets a deny-all for the users, then its full rules: if a later
+        # restore fails (or the start is refused), that family stays closed, never open.
+        errors = []
+        for family in self.families:
+            try:
+                missing, _ = await self._jumps(family)
+                if ("filter", rules.FILTER_CHAIN) in missing:
+                    fam = rules.V4 if family == 4 else rules.V6
+                    text = rules.render_lock(policy.config.profiles, fam, add_jump=True)
+                    await self._restore(family, text, "deny-all")
+            except FirewallError as err:
+                errors.append(str(err))  # try the other family all the same
+        if errors:
+            raise FirewallError("; ".join(errors))
+
+    async def _restore(self, family: int, text: str, what: str) -> None:
+        restore = _TOOLS[family][1]
+        rc, _, err = await _run([restore, "-w", "--noflush"], stdin=text)
+        if rc != 0:
+            raise FirewallError(f"{restore} of the {what} failed (unchanged): {err.strip()}")
+
+    async def mark_clashes(self, policy: Policy) -> list[str]:
+        """Rules of other software that write the conntrack mark bits egressd owns."""
+        mask = policy.config.daemon.ct_mask
+        found: list[str] = []
+        for family in self.families:
+            tool = _TOOLS[family][0] + "-save"
+            rc, out, err = await _run([tool])
+            if rc != 0:
+                raise FirewallError(f"{tool} failed: {err.strip()}")
+            found += marks.iptables_writers(out, mask)
+        if shutil.which("nft"):
+            rc, out, _ = await _run(["nft", "-j", "list", "ruleset"])
+            if rc == 0:  # no nft support in this kernel: nothing native to clash with
+                found += marks.nft_writers(out, mask)
+        return list(dict.fromkeys(found))
 
     async def install(self, policy: object) -> Found:
         assert isinstance(policy, Policy)
@@ -319,6 +379,7 @@ class IptablesIpset:
             for p in policy.config.profiles:
                 for family, name in ((4, p.set4), (6, p.set6)):
                     found[name] = await self._ensure_set(name, family, g.maxelem)
+            await self._lock_unguarded(policy)
             for family in self.families:
                 await self._apply(policy, family)
             wanted_sets = set(found)
@@ -335,42 +396,75 @@ class IptablesIpset:
             # In use by a rule we could not remove: leave it, say so.
             raise FirewallError(f"ipset destroy {name} failed: {err}") from err
 
-    async def verify(self, policy: object) -> list[str]:
+    async def verify(self, policy: object, *, sets: bool = True) -> list[str]:
+        """Compare the kernel's state with what the last apply left; re-apply on any drift.
+
+        sets=False checks only the rules: the fast path after an nf_tables change event
+        (ipset sends none, and listing every set with its members is the costly part).
+        """
         assert isinstance(policy, Policy)
         problems: list[str] = []
         async with self._lock:
-            present = set(await self._set_names())
-            for p in policy.config.profiles:
-                for name in (p.set4, p.set6):
-                    if name not in present:
-                        problems.append(f"set {name} missing")
             for family in self.families:
                 problems += await self._rule_problems(policy, family)
+            if sets or problems:
+                # Also before any repair: install re-creates a missing set, empty, and the
+                # caller must then write the grants again (a flushed chain lets a set go).
+                present = set(await self._set_names())
+                for p in policy.config.profiles:
+                    for name in (p.set4, p.set6):
+                        if name not in present:
+                            problems.insert(0, f"set {name} missing")
         if problems:
             await self.install(policy)
         return problems
 
-    async def _rule_problems(self, policy: Policy, family: int) -> list[str]:
-        fam = rules.V4 if family == 4 else rules.V6
-        expected = rules.rule_counts(
-            rules.render(policy.config.profiles, fam, log_rejects=policy.config.daemon.log_rejects)
-        )
+    async def _listing(self, family: int) -> dict[str, str]:
+        """`iptables -S` of the filter and nat tables (both at once: this is the fast path)."""
         tool = _TOOLS[family][0]
-        actual: dict[str, int] = {}
-        for table in ("filter", "nat"):
-            rc, out, err = await _run([tool, "-w", "-t", table, "-S"])
+        tables = ("filter", "nat")
+        results = await asyncio.gather(*(_run([tool, "-w", "-t", t, "-S"]) for t in tables))
+        out: dict[str, str] = {}
+        for table, (rc, text, err) in zip(tables, results, strict=True):
             if rc != 0:
                 raise FirewallError(f"{tool} -t {table} -S failed: {err.strip()}")
-            for chain, n in rules.rule_counts(out).items():
-                actual[chain] = actual.get(chain, 0) + n
-        problems = [
-            f"IPv{family} chain {chain} has {actual.get(chain, 0)} of its {n} rules"
-            for chain, n in sorted(expected.items())
-            if actual.get(chain, 0) != n
-        ]
-        missing, stale = await self._jumps(family)
-        problems += [f"IPv{family} {t} OUTPUT jump to {c} missing" for t, c in missing]
-        problems += [f"IPv{family} {t} OUTPUT jump to {c} not first" for t, c in stale]
+            out[table] = text
+        return out
+
+    async def _rule_problems(self, policy: Policy, family: int) -> list[str]:
+        listing = await self._listing(family)
+        # Content: egressd's lines as iptables printed them right after the last apply.
+        # Comparing printed with printed avoids normalising the render (iptables -S spells
+        # rules differently from the restore input); a rule replaced in place is caught.
+        problems: list[str] = []
+        applied = self._applied.get(family)
+        if applied is not None:
+            for table, text in listing.items():
+                problems += drift(f"IPv{family} {table}", applied.get(table, ()), own_rules(text))
+        if not problems:
+            # Counts against the render: also catches a snapshot that was taken of an
+            # already-damaged state (a foreign change between the restore and the snapshot).
+            fam = rules.V4 if family == 4 else rules.V6
+            expected = rules.rule_counts(
+                rules.render(
+                    policy.config.profiles,
+                    fam,
+                    ct_mask=policy.config.daemon.ct_mask,
+                    log_rejects=policy.config.daemon.log_rejects,
+                )
+            )
+            actual: dict[str, int] = {}
+            for text in listing.values():
+                for chain, n in rules.rule_counts(text).items():
+                    actual[chain] = actual.get(chain, 0) + n
+            problems += [
+                f"IPv{family} chain {chain} has {actual.get(chain, 0)} of its {n} rules"
+                for chain, n in sorted(expected.items())
+                if actual.get(chain, 0) != n
+            ]
+        # A foreign rule above egressd's jump (an ACCEPT, say) would let the users out.
+        for table, chain in rules.JUMPS:
+            problems += jump_problems(f"IPv{family} {table}", chain, listing[table])
         return problems
 
     async def uninstall(self) -> None:
@@ -403,3 +497,66 @@ class IptablesIpset:
                     errors.append(str(err))
             if errors:
                 raise FirewallError("; ".join(errors))
+
+
+# --- verify's comparisons (pure) -----------------------------------------------------------
+
+
+def _target(parts: Sequence[str]) -> str:
+    return parts[parts.index("-j") + 1] if "-j" in parts[:-1] else ""
+
+
+def own_rules(text: str) -> tuple[str, ...]:
+    """egressd's lines of one table's `iptables -S`: its chains, their rules, the jumps in."""
+    out = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 2 or parts[0] not in ("-N", "-A"):
+            continue
+        # A line of one of egressd's chains, or a jump into one (from OUTPUT, say).
+        if parts[1].startswith(rules.CHAIN_PREFIX) or (
+            parts[0] == "-A" and _target(parts).startswith(rules.CHAIN_PREFIX)
+        ):
+            out.append(line)
+    return tuple(out)
+
+
+def drift(where: str, before: Sequence[str], after: Sequence[str]) -> list[str]:
+    """What differs between two own_rules() snapshots, one line per chain, briefly."""
+    if tuple(before) == tuple(after):
+        return []
+    by_chain: dict[str, tuple[list[str], list[str]]] = {}
+    for i, lines in enumerate((before, after)):
+        for line in lines:
+            by_chain.setdefault(line.split()[1], ([], []))[i].append(line)
+    problems = []
+    for chain, (b, a) in by_chain.items():
+        if a == b:
+            continue
+        if f"-N {chain}" in b and f"-N {chain}" not in a:
+            problems.append(f"{where} chain {chain} missing")
+            continue
+        missing = list((Counter(b) - Counter(a)).elements())
+        extra = list((Counter(a) - Counter(b)).elements())
+        if not missing and not extra:
+            problems.append(f"{where} chain {chain}: rules reordered")
+            continue
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} rule(s) missing ({missing[0]})")
+        if extra:
+            parts.append(f"{len(extra)} unexpected ({extra[0]})")
+        problems.append(f"{where} chain {chain}: " + ", ".join(parts))
+    return problems
+
+
+def jump_problems(where: str, chain: str, text: str) -> list[str]:
+    """The OUTPUT jump to `chain` must be there exactly once, and first."""
+    lines = [ln for ln in text.splitlines() if ln.startswith("-A OUTPUT ")]
+    jump = f"-A OUTPUT -j {chain}"
+    copies = lines.count(jump)
+    if copies == 0:
+        return [f"{where} OUTPUT jump to {chain} missing"]
+    if lines[0] != jump or copies > 1:
+        return [f"{where} OUTPUT jump to {chain} not first"]
+    return []

@@ -12,11 +12,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from ..config import Profile
+from ..config import DEFAULT_CT_MASK, Profile
 
 FILTER_CHAIN = "EGRESSD-OUTPUT"
 NAT_CHAIN = "EGRESSD-DNS"
 PROFILE_PREFIX = "EGRESSD-P-"
+ADMIT_PREFIX = "EGRESSD-A-"
+REJECT_PREFIX = "EGRESSD-R-"
 CHAIN_PREFIX = "EGRESSD-"
 
 # (table, chain) pairs jumped to from OUTPUT.
@@ -52,37 +54,94 @@ def _chunks(ports: Sequence[int]) -> list[str]:
     ]
 
 
-def _profile_rules(profile: Profile, fam: Family, log_rejects: bool) -> list[str]:
-    chain = profile_chain(profile)
+def admit_chain(profile: Profile) -> str:
+    return ADMIT_PREFIX + profile.name
+
+
+def reject_chain(profile: Profile) -> str:
+    return REJECT_PREFIX + profile.name
+
+
+def mark_of(profile: Profile, ct_mask: int) -> str:
+    """``VALUE/MASK``: the profile's id in the conntrack mark bits egressd owns."""
+    shift = (ct_mask & -ct_mask).bit_length() - 1
+    return f"{profile.mark_id << shift:#x}/{ct_mask:#x}"
+
+
+def _hashlimit_name(profile: Profile) -> str:
+    # The kernel keeps a hashlimit table by name across rule replacements, with the
+    # parameters it was created with: a reload that changed the rate would silently keep
+    # the old one (measured). So the parameters are part of the name.
+    return f"egressd-{profile.mark_id}-{profile.conn_rate}-{profile.conn_burst}"
+
+
+def _log_prefix(profile: Profile) -> str:
+    # The kernel takes at most 29 characters; a 15-character profile name would overflow.
+    return f"egressd reject {profile.name}"[:27] + ": "
+
+
+def _profile_rules(profile: Profile, fam: Family, ct_mask: int, log_rejects: bool) -> list[str]:
+    chain, admit, reject = profile_chain(profile), admit_chain(profile), reject_chain(profile)
+    mark = mark_of(profile, ct_mask)
     rules = [
-        # Replies and the rest of flows that were allowed when they began, so a live
-        # connection outlives the grant that let it start.
-        f"-A {chain} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+        # Only flows this profile's chain admitted continue (their conntrack mark says so),
+        # so a live connection outlives the grant that let it start. A flow another uid,
+        # egressd itself or an outside host opened is not continued: the agent could bind
+        # the source port of egressd's upstream query and talk DNS past the redirect.
+        f"-A {chain} -m conntrack --ctstate ESTABLISHED,RELATED -m connmark --mark {mark}"
+        " -j ACCEPT",
+        # The agent's own local servers answering local clients (a dev server and the
+        # user's browser): the reply direction on loopback only. Not `-o lo` as a whole,
+        # which would continue egressd's flows to a loopback upstream such as 127.0.0.53.
+        f"-A {chain} -o lo -m conntrack --ctstate ESTABLISHED,RELATED --ctdir REPLY -j ACCEPT",
+        # Everything else that is not a new flow (foreign or unmarked established, invalid,
+        # untracked) is rejected here, never falls through to the accepts below.
+        f"-A {chain} -m conntrack ! --ctstate NEW -j {reject}",
+        # Each admitted flow is a conntrack entry in the host's table: bound the rate, and
+        # how many the users hold at once (counted per rule: this chain's flows only).
+        f"-A {chain} -m hashlimit --hashlimit-above {profile.conn_rate}/second"
+        f" --hashlimit-burst {profile.conn_burst} --hashlimit-name {_hashlimit_name(profile)}"
+        f" -j {reject}",
+        f"-A {chain} -m connlimit --connlimit-above {profile.conn_max} --connlimit-mask 0"
+        f" -j {reject}",
         # DNS to egressd itself (the nat rule has already rewritten the destination).
-        f"-A {chain} -d {fam.loopback} -p udp -m udp --dport {profile.port} -j ACCEPT",
-        f"-A {chain} -d {fam.loopback} -p tcp -m tcp --dport {profile.port} -j ACCEPT",
+        f"-A {chain} -d {fam.loopback} -p udp -m udp --dport {profile.port} -j {admit}",
+        f"-A {chain} -d {fam.loopback} -p tcp -m tcp --dport {profile.port} -j {admit}",
+        # Port 53 anywhere else escaped the redirect (a packet of a flow that existed before
+        # its first packet reached nat): never to a resolver directly, CIDRs or not.
+        f"-A {chain} -p udp -m udp --dport 53 -j {reject}",
+        f"-A {chain} -p tcp -m tcp --dport 53 -j {reject}",
     ]
     if profile.allow_loopback:
-        rules.append(f"-A {chain} -o lo -j ACCEPT")
+        rules.append(f"-A {chain} -o lo -j {admit}")
+    else:
+        # The host's own addresses, public ones included: local services are not egress.
+        rules.append(f"-A {chain} -m addrtype --dst-type LOCAL -j {reject}")
     match_set = f"-m set --match-set {fam.set_of(profile)} dst"
     if profile.ports:
         for proto in ("tcp", "udp"):
             for chunk in _chunks(profile.ports):
                 rules.append(
-                    f"-A {chain} -p {proto} -m multiport --dports {chunk} {match_set} -j ACCEPT"
+                    f"-A {chain} -p {proto} -m multiport --dports {chunk} {match_set} -j {admit}"
                 )
     else:
-        rules.append(f"-A {chain} {match_set} -j ACCEPT")
+        rules.append(f"-A {chain} {match_set} -j {admit}")
     for net in profile.cidrs:
         if net.version == fam.version:
-            rules.append(f"-A {chain} -d {net} -j ACCEPT")
+            rules.append(f"-A {chain} -d {net} -j {admit}")
+    rules.append(f"-A {chain} -j {reject}")
+
+    # Admit: mark the flow as this profile's (on its first packet only: established
+    # packets never get here), then accept.
+    rules.append(f"-A {admit} -j CONNMARK --set-xmark {mark}")
+    rules.append(f"-A {admit} -j ACCEPT")
     if log_rejects:
         rules.append(
-            f'-A {chain} -m limit {LOG_LIMIT} -j LOG --log-prefix "egressd reject {profile.name}: "'
+            f'-A {reject} -m limit {LOG_LIMIT} -j LOG --log-prefix "{_log_prefix(profile)}"'
             " --log-uid"
         )
-    rules.append(f"-A {chain} -p tcp -j REJECT --reject-with tcp-reset")
-    rules.append(f"-A {chain} -j REJECT --reject-with {fam.reject}")
+    rules.append(f"-A {reject} -p tcp -j REJECT --reject-with tcp-reset")
+    rules.append(f"-A {reject} -j REJECT --reject-with {fam.reject}")
     return rules
 
 
@@ -90,6 +149,7 @@ def render(
     profiles: Sequence[Profile],
     fam: Family,
     *,
+    ct_mask: int = DEFAULT_CT_MASK,
     log_rejects: bool = True,
     missing_jumps: Sequence[tuple[str, str]] = (),
     stale_jumps: Mapping[tuple[str, str], int] = MappingProxyType({}),
@@ -110,27 +170,62 @@ def render(
         return lines
 
     out = ["*filter", f":{FILTER_CHAIN} - [0:0]"]
-    out += [f":{profile_chain(p)} - [0:0]" for p in profiles]
+    for p in profiles:
+        out += [f":{c} - [0:0]" for c in (profile_chain(p), admit_chain(p), reject_chain(p))]
     out += jump("filter", FILTER_CHAIN)
     for p in profiles:
-        for uid in p.uids:
-            out.append(f"-A {FILTER_CHAIN} -m owner --uid-owner {uid} -j {profile_chain(p)}")
+        for owner in _owners(p):
+            out.append(f"-A {FILTER_CHAIN} -m owner --uid-owner {owner} -j {profile_chain(p)}")
     for p in profiles:
-        out += _profile_rules(p, fam, log_rejects)
+        out += _profile_rules(p, fam, ct_mask, log_rejects)
     out.append("COMMIT")
 
     out += ["*nat", f":{NAT_CHAIN} - [0:0]"]
     out += jump("nat", NAT_CHAIN)
     for p in profiles:
-        for uid in p.uids:
+        for owner in _owners(p):
             for proto in ("udp", "tcp"):
                 # DNS to any server, so a hard-coded resolver address lands here too.
                 out.append(
-                    f"-A {NAT_CHAIN} -p {proto} -m owner --uid-owner {uid} -m {proto} --dport 53"
+                    f"-A {NAT_CHAIN} -p {proto} -m owner --uid-owner {owner} -m {proto} --dport 53"
                     f" -j REDIRECT --to-ports {p.port}"
                 )
     out.append("COMMIT")
     return "\n".join(out) + "\n"
+
+
+def render_lock(profiles: Sequence[Profile], fam: Family, *, add_jump: bool) -> str:
+    """Deny-all for the profiles' users: what a family holds until its full render applied.
+
+    Applied first where egressd's filter jump is missing (a first start, or after a foreign
+    flush), so that if the full render then fails for this family (or for the other one,
+    after this one succeeded), the users reach nothing rather than everything. The same
+    text as packaging/egressd-lockdown writes at boot. DNS needs no rule: without the nat
+    REDIRECT, the users' port-53 packets meet this REJECT too.
+    """
+    out = ["*filter", f":{FILTER_CHAIN} - [0:0]"]
+    for p in profiles:
+        for owner in _owners(p):
+            m = f"-m owner --uid-owner {owner}"
+            out.append(f"-A {FILTER_CHAIN} -p tcp {m} -j REJECT --reject-with tcp-reset")
+            out.append(f"-A {FILTER_CHAIN} {m} -j REJECT --reject-with {fam.reject}")
+    if add_jump:
+        out.append(f"-I OUTPUT 1 -j {FILTER_CHAIN}")
+    out.append("COMMIT")
+    return "\n".join(out) + "\n"
+
+
+def restricted(profiles: Sequence[Profile]) -> str:
+    """The state file the boot-time lockdown reads: every restricted uid and uid range."""
+    lines = ["# Written by egressd after each successful install; read at boot by"]
+    lines.append("# egressd-lockdown, which rejects these uids until egressd is serving.")
+    lines += [owner for p in profiles for owner in _owners(p)]
+    return "\n".join(lines) + "\n"
+
+
+def _owners(profile: Profile) -> list[str]:
+    """The profile's uids, then its users' subordinate uid ranges (``FIRST-LAST``)."""
+    return [str(u) for u in profile.uids] + [f"{a}-{b}" for a, b in profile.uid_ranges]
 
 
 def rule_counts(text: str) -> dict[str, int]:
@@ -146,6 +241,9 @@ def rule_counts(text: str) -> dict[str, int]:
 def chains(profiles: Sequence[Profile]) -> dict[str, set[str]]:
     """egressd's chains per table for these profiles (to find stale ones after a reload)."""
     return {
-        "filter": {FILTER_CHAIN, *(profile_chain(p) for p in profiles)},
+        "filter": {
+            FILTER_CHAIN,
+            *(c for p in profiles for c in (profile_chain(p), admit_chain(p), reject_chain(p))),
+        },
         "nat": {NAT_CHAIN},
     }

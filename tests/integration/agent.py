@@ -12,7 +12,10 @@ Commands (optional ``--key=value`` flags may appear anywhere):
   connect IP PORT [TIMEOUT]
   hold IP PORT SECONDS [TIMEOUT]
   udp IP PORT [TIMEOUT]
+  udpfrom SPORT IP PORT PAYLOAD [TIMEOUT]   (a datagram from a fixed source port)
+  serve PORT SECONDS                        (TCP server greeting each client "hello")
   many JSON_LIST|- [--port=80] [--timeout=3] [--workers=16] [--family=4|6]
+  probe SECONDS PORT IP [IP...] [--interval=0.02] [--timeout=0.5]
   whoami
 
 Failures are reported as {"ok": false, "error": KIND, "errno": N|None,
@@ -285,12 +288,19 @@ def parse_response(msg):
     return out
 
 
-def exchange(server, port, wire, proto, timeout):
-    """Send one DNS message, return the raw response (raises OSError/timeout)."""
+def exchange(server, port, wire, proto, timeout, sport=0):
+    """Send one DNS message, return the raw response (raises OSError/timeout).
+
+    sport: a fixed UDP source port (bound with SO_REUSEADDR), e.g. the port of a flow
+    somebody else opened.
+    """
     fam = family_of(server)
     if proto == "udp":
         with socket.socket(fam, socket.SOCK_DGRAM) as s:
             s.settimeout(timeout)
+            if sport:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("::" if fam == socket.AF_INET6 else "0.0.0.0", sport))
             s.connect((server, port))  # connected: ICMP errors surface as exceptions
             s.send(wire)
             return s.recv(65535)
@@ -319,7 +329,7 @@ def cmd_dnsq(server, port, name, qtype, proto, flags):
     qid, wire = build_query(name, qtype, "edns" in flags, "do" in flags, options)
     start = time.monotonic()
     try:
-        resp = exchange(server, int(port), wire, proto, timeout)
+        resp = exchange(server, int(port), wire, proto, timeout, int(flag(flags, "sport", "0")))
     except (TimeoutError, OSError) as exc:
         return error(exc, start, transport=proto)
     elapsed = round(time.monotonic() - start, 4)
@@ -428,6 +438,53 @@ def cmd_udp(ip, port, timeout="3"):
     return {"ok": data == payload, "elapsed": round(time.monotonic() - start, 4)}
 
 
+def cmd_udpfrom(sport, ip, port, payload, timeout="2"):
+    """One datagram from a fixed source port (SO_REUSEADDR), then wait for a reply."""
+    start = time.monotonic()
+    fam = family_of(ip)
+    try:
+        with socket.socket(fam, socket.SOCK_DGRAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("::" if fam == socket.AF_INET6 else "0.0.0.0", int(sport)))
+            s.settimeout(float(timeout))
+            s.connect((ip, int(port)))
+            s.send(payload.encode())
+            data = s.recv(65535)
+    except (TimeoutError, OSError) as exc:
+        return error(exc, start)
+    return {"ok": data == payload.encode(), "elapsed": round(time.monotonic() - start, 4)}
+
+
+def cmd_serve(port, seconds, ready_file="-"):
+    """Listen on TCP PORT (IPv4 and IPv6) for SECONDS; greet each client with b"hello\\n"."""
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::", int(port)))
+    s.listen(16)
+    s.settimeout(0.2)
+    sys.stderr.write("listening\n")
+    sys.stderr.flush()
+    accepted, sent = [], []
+    deadline = time.monotonic() + float(seconds)
+    while time.monotonic() < deadline:
+        try:
+            conn, peer = s.accept()
+        except TimeoutError:
+            continue
+        accepted.append(peer[0])
+        try:
+            conn.settimeout(1)
+            conn.sendall(b"hello\n")
+            sent.append(peer[0])
+        except OSError:
+            pass
+        finally:
+            conn.close()
+    s.close()
+    return {"ok": True, "accepted": accepted, "sent": sent}
+
+
 # --------------------------------------------------------------------------- many
 
 
@@ -470,6 +527,40 @@ def cmd_many(source, flags):
     }
 
 
+# --------------------------------------------------------------------------- probe
+
+
+def cmd_probe(seconds, port, ips, flags):
+    """Connect to each IP in turn, every `interval`, for `seconds`: when did one get through?
+
+    One process for the whole run, so a probe costs a connect(), not a Python start.
+    """
+    interval = float(flag(flags, "interval", "0.02"))
+    timeout = float(flag(flags, "timeout", "0.5"))
+    start = time.time()
+    deadline = time.monotonic() + float(seconds)
+    successes, errors, attempts = [], {}, 0
+    while time.monotonic() < deadline:
+        for ip in ips:
+            attempts += 1
+            t = time.time()
+            try:
+                with socket.create_connection((ip, int(port)), timeout=timeout):
+                    successes.append([ip, round(t, 4)])
+            except (TimeoutError, OSError) as exc:
+                kind = error(exc, time.monotonic())["error"]
+                errors[kind] = errors.get(kind, 0) + 1
+        time.sleep(interval)
+    return {
+        "ok": True,
+        "attempts": attempts,
+        "successes": successes,
+        "errors": errors,
+        "started": round(start, 4),
+        "ended": round(time.time(), 4),
+    }
+
+
 def main(argv):
     pos, flags = split_flags(argv)
     if not pos:
@@ -487,8 +578,14 @@ def main(argv):
         out = cmd_hold(*args)
     elif cmd == "udp":
         out = cmd_udp(*args)
+    elif cmd == "udpfrom":
+        out = cmd_udpfrom(*args)
+    elif cmd == "serve":
+        out = cmd_serve(*args)
     elif cmd == "many":
         out = cmd_many(args[0], flags)
+    elif cmd == "probe":
+        out = cmd_probe(args[0], args[1], args[2:], flags)
     elif cmd == "whoami":
         with open("/proc/self/status") as fh:
             caps = dict(line.split(":\t", 1) for line in fh if line.startswith("Cap"))

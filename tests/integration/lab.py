@@ -730,6 +730,41 @@ class Lab:
         """'host'/'inet' -> real namespace name (real names pass through)."""
         return {"host": self.host, "inet": self.inet}.get(which, which)
 
+    def host_etc(self, name: str, text: str) -> Path:
+        """Give every process started in the host ns with `ip netns exec` (egressd, the
+        agent, netns_exec) its own /etc/NAME: iproute2 bind-mounts each file of
+        /etc/netns/<ns>/ over /etc/ in the new mount ns. The machine's file is untouched.
+        Written in place, so a process already running sees the change too (a bind mount
+        holds the inode). Processes started before the first call see the machine's file."""
+        if "/" in name or name in ("", ".", ".."):
+            raise LabError(f"not a file name in /etc: {name!r}")
+        if not (Path("/etc") / name).is_file():
+            # A bind mount needs a target: ip netns exec would only warn and go on.
+            raise LabError(f"/etc/{name} does not exist here; ip netns exec cannot replace it")
+        path = self.netns_dir / name
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        path.chmod(0o644)
+        return path
+
+    def host_users(
+        self, users: Mapping[str, int], subids: Mapping[str, Sequence[str]] | None = None
+    ) -> None:
+        """Name uids in the host ns (newuidmap and `unshare --map-auto` look the caller up by
+        name): /etc/passwd and /etc/group are the machine's plus `NAME:x:UID:UID` lines.
+        /etc/subuid and /etc/subgid hold only `subids` ({NAME: ["START:COUNT", ...]}), for
+        uids and gids alike, so the lab's ranges are exactly the test's."""
+        passwd = Path("/etc/passwd").read_text(encoding="utf-8")
+        group = Path("/etc/group").read_text(encoding="utf-8")
+        for name, uid in users.items():
+            passwd += f"{name}:x:{uid}:{uid}:egressd lab:/nonexistent:/usr/sbin/nologin\n"
+            group += f"{name}:x:{uid}:\n"
+        sub = "".join(f"{name}:{r}\n" for name, ranges in (subids or {}).items() for r in ranges)
+        self.host_etc("passwd", passwd)
+        self.host_etc("group", group)
+        self.host_etc("subuid", sub)
+        self.host_etc("subgid", sub)
+
     def netns_exec(
         self,
         ns: str,
@@ -812,6 +847,9 @@ class Lab:
             PYTHONPATH=f"{REPO_ROOT}{os.pathsep}{pp}" if pp else str(REPO_ROOT),
             PYTHONUNBUFFERED="1",
             NOTIFY_SOCKET=str(notify.path),
+            # egressd's state (the boot lockdown's uid list) stays in the lab, never in the
+            # machine's /var/lib/egressd.
+            EGRESSD_STATE_DIR=str(self.tmpdir / "state"),
         )
         for k, v in (env or {}).items():
             if v is None:

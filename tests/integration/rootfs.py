@@ -317,8 +317,21 @@ def _cgroup_dirs(tag: str) -> list[Path]:
 class Container:
     """One booted container. close() is idempotent and ends everything it started."""
 
-    def __init__(self, root: Path, netns: str, log: Path, *, boot_timeout: float = 120) -> None:
+    def __init__(
+        self,
+        root: Path,
+        netns: str,
+        log: Path,
+        *,
+        boot_timeout: float = 120,
+        overlay: Path | None = None,
+    ) -> None:
+        """Boot `root`. With `overlay` (a directory), boot an overlayfs of `root` (read-only)
+        and `overlay`/upper instead, so a test can change files for one boot (put them in
+        `overlay`/upper first) without touching `root` or a container running from it; the
+        mount lives in the container's private mount namespace only."""
         self.root = root
+        self.overlay = overlay
         self.netns = netns
         self.log = log
         tag = secrets.token_hex(4)
@@ -347,9 +360,20 @@ class Container:
                 self._created_dirs.append(d)
         for cg in self._cgroups:
             cg.mkdir()
+        directory, mount_overlay = self.root, ""
+        if self.overlay is not None:
+            upper, work = self.overlay / "upper", self.overlay / "work"
+            directory = self.overlay / "merged"
+            for d in (upper, work, directory):
+                d.mkdir(exist_ok=True)
+            opts = f"lowerdir={self.root},upperdir={upper},workdir={work}"
+            mount_overlay = (
+                f"mount -t overlay -o {shlex.quote(opts)} egd-overlay "
+                f"{shlex.quote(str(directory))} && "
+            )
         nspawn = [
             "systemd-nspawn",
-            f"--directory={self.root}",
+            f"--directory={directory}",
             "--boot",
             "--register=no",
             "--keep-unit",
@@ -365,7 +389,7 @@ class Container:
         ]
         inner = (
             f"mount -t tmpfs -o mode=0755,size=4m egd-nspawn-run {NSPAWN_RUN} && "
-            f"exec {shlex.join(nspawn)}"
+            f"{mount_overlay}exec {shlex.join(nspawn)}"
         )
         outer = "".join(
             f"echo $$ > {shlex.quote(str(cg / 'cgroup.procs'))} && " for cg in self._cgroups

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lab import INET_V4, ROGUE_ANSWER, ROGUE_V4, Lab, poll
+from lab import ECHO_UDP_PORT, INET_V4, INET_V6, ROGUE_ANSWER, ROGUE_V4, Lab, poll
 from rootfs import AGENT_USER, Container, RootfsError, build, mounts_under, prepare_for_lab
 from rootfs import remove_tree as remove_rootfs
 
@@ -497,3 +497,244 @@ def test_unit_verifies_and_security_score(env: Booted, capsys: pytest.CaptureFix
         print(f"\n[test_systemd] systemd-analyze security {UNIT}: {m.group(1)} {m.group(2)}")
     # Not a target, only a tripwire: an unhardened service scores about 9.6 (UNSAFE).
     assert float(m.group(1)) < 9.0, s.stdout
+
+
+# --------------------------------------------------------------------------- 7 closed from boot
+
+LOCKDOWN = "egressd-lockdown.service"
+RESTORE6 = "/usr/sbin/ip6tables-restore"
+# In place of ip6tables-restore: refuse egressd's own IPv6 rules (they declare its profile
+# chains, EGRESSD-P-...) and pass everything else, the lockdown's deny-all included, to the
+# real tool. egressd's IPv4 install then succeeds and its IPv6 install fails, every time.
+FAILING_RESTORE6 = """#!/bin/sh
+input=$(cat)
+case "$input" in
+  *EGRESSD-P-*) echo "ip6tables-restore: failing on purpose (test_systemd)" >&2; exit 1 ;;
+esac
+printf '%s\\n' "$input" | exec /usr/sbin/ip6tables-nft-restore "$@"
+"""
+# Addresses in the fake internet for these tests only: nobody resolves or grants them.
+AGENT_TARGETS = ("203.0.113.93", "2001:db8:113::93")
+ROOT_TARGETS = ("203.0.113.94", "2001:db8:113::94")
+
+
+@contextlib.contextmanager
+def boot_with(
+    rootfs: Path, request: pytest.FixtureRequest, files: dict[str, tuple[str, int]]
+) -> Iterator[tuple[Lab, Container]]:
+    """Boot the built root in a fresh lab, with `files` (path: (text, mode)) changed for
+    this boot only: they go into an overlay's upper layer, so the root, and the module's
+    container running from it, never see them. A fresh lab, because a namespace in which
+    egressd ran before holds its rules, and this is about a first boot."""
+    lab = Lab()
+    overlay = Path(tempfile.mkdtemp(prefix="overlay-", dir=rootfs.parent))
+    ct: Container | None = None
+    try:
+        lab.dns.set(RECORDS)
+        files = {
+            "/etc/resolv.conf": (f"nameserver {INET_V4}\noptions timeout:2 attempts:2\n", 0o644),
+            "/etc/hostname": ("egd-boot\n", 0o644),
+            **files,
+        }
+        for path, (text, mode) in files.items():
+            dst = overlay / "upper" / path.lstrip("/")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_text(text, encoding="utf-8")
+            dst.chmod(mode)
+        started = time.monotonic()
+        ct = Container(rootfs, lab.host, overlay / "nspawn.log", overlay=overlay)
+        _say(request, f"{request.node.name}: booted in {time.monotonic() - started:.1f}s")
+        yield lab, ct
+    except BaseException:
+        if ct is not None:
+            print(ct.diagnostics())
+        print(lab.diagnostics())
+        raise
+    finally:
+        try:
+            if ct is not None:
+                ct.close()
+        finally:
+            lab.close()
+            remove_rootfs(overlay)  # refuses if a mount were left below it
+
+
+def still_trying(ct: Container) -> dict[str, str]:
+    """egressd keeps failing and systemd keeps restarting it: never `failed`, never given up."""
+    props = ("ActiveState", "SubState", "NRestarts", "Result")
+
+    def twice() -> dict[str, str] | None:
+        s = ct.show(UNIT, *props)
+        # activating (auto-restart) between tries: never active, never failed or inactive.
+        assert s["ActiveState"] in ("activating", "deactivating"), s
+        return s if int(s["NRestarts"]) >= 2 else None
+
+    got = poll(twice, 30, interval=0.5)
+    assert got, f"egressd was not restarted twice in 30s: {ct.show(UNIT, *props)}"
+    return got
+
+
+def assert_agent_closed(ct: Container, lab: Lab, tag: str) -> None:
+    """The agent reaches nothing in the fake internet (IPv4 and IPv6; TCP, UDP and DNS to
+    the lab's DNS server directly), while root in the same container, at the same moment,
+    reaches all of it: the positive twin that proves each observation can see traffic."""
+    for agent_ip, root_ip in zip(AGENT_TARGETS, ROOT_TARGETS, strict=True):
+        c = ct.agent("connect", agent_ip, 443, 3)
+        assert not c["ok"] and c["error"] in ("refused", "reset", "unreachable"), c
+        u = ct.agent("udp", agent_ip, ECHO_UDP_PORT, 3)
+        assert not u["ok"] and u["error"] != "timeout", u
+        assert ct.agent("connect", root_ip, 443, user="root")["ok"]
+        assert ct.agent("udp", root_ip, ECHO_UDP_PORT, user="root")["ok"]
+    for server in (INET_V4, INET_V6):
+        for proto in ("udp", "tcp"):
+            name = f"agent-{tag}-{proto}.example"
+            q = ct.agent("dnsq", server, 53, name, "A", proto, "--timeout=2")
+            assert not q["ok"] and q.get("error") != "timeout", (server, q)
+            r = ct.agent("dnsq", server, 53, f"root-{tag}-{proto}.example", "A", proto, user="root")
+            assert r["ok"], (server, r)
+    for agent_ip, root_ip in zip(AGENT_TARGETS, ROOT_TARGETS, strict=True):
+        assert lab.echo.connections(dst=agent_ip) == []
+        seen = {c["event"] for c in lab.echo.connections(dst=root_ip)}
+        assert seen == {"accept", "datagram"}, lab.echo.connections(dst=root_ip)
+    assert [q for q in lab.dns.queries() if q["qname"].startswith(f"agent-{tag}-")] == []
+    assert len([q for q in lab.dns.queries() if q["qname"].startswith(f"root-{tag}-")]) == 4
+    assert lab.rogue.queries() == []
+
+
+def assert_lockdown_ran(ct: Container, uid: int) -> None:
+    s = ct.show(LOCKDOWN, "ActiveState", "Result", "UnitFileState")
+    assert s == {"ActiveState": "active", "Result": "success", "UnitFileState": "enabled"}, s
+    # Ordered before egressd, and it did deny this uid, in both families.
+    first = ct.show(LOCKDOWN, "ExecMainExitTimestampMonotonic")["ExecMainExitTimestampMonotonic"]
+    spawned = ct.show(UNIT, "ExecMainStartTimestampMonotonic")
+    assert int(first) > 0 and int(spawned["ExecMainStartTimestampMonotonic"]) > int(first)
+    said = " ".join(r.get("MESSAGE", "") for r in ct.journal(unit=LOCKDOWN))
+    assert f"IPv4: denied all traffic of uids {uid} " in said, said
+    assert f"IPv6: denied all traffic of uids {uid} " in said, said
+
+
+def _no_counters(save: str) -> list[str]:
+    return [ln for ln in save.splitlines() if not ln.startswith(("#", ":"))]
+
+
+def agent_works_again(ct: Container) -> None:
+    ct.exec(["systemctl", "restart", UNIT])
+    wait_active(ct)
+    r = ct.agent("resolve", "pypi.org", "4")
+    assert r["addrs"] == ["203.0.113.80"], r
+    assert ct.agent("connect", "203.0.113.80", 443)["ok"]
+    # ...and only that: egressd's rules, not an open door.
+    c = ct.agent("connect", AGENT_TARGETS[0], 443, 3)
+    assert not c["ok"] and c["error"] != "timeout", c
+
+
+def test_boot_with_a_broken_config_is_closed_until_fixed(
+    rootfs: Path, request: pytest.FixtureRequest
+) -> None:
+    good = (rootfs / CONFIG.lstrip("/")).read_text(encoding="utf-8")
+    broken = good + "\n[daemon\n"  # a TOML syntax error
+    with boot_with(rootfs, request, {CONFIG: (broken, 0o644)}) as (lab, ct):
+        uid = int(ct.exec(["id", "-u", AGENT_USER]).stdout)
+        state = still_trying(ct)
+        assert_lockdown_ran(ct, uid)
+        errors = [r.get("MESSAGE", "") for r in ct.journal() if CONFIG in r.get("MESSAGE", "")]
+        assert errors, "egressd did not say what is wrong with the config"
+        assert_agent_closed(ct, lab, "broken")
+        # Still trying after all that, never given up (StartLimitIntervalSec=0).
+        more = poll(lambda: int(still_trying(ct)["NRestarts"]) > int(state["NRestarts"]), 15)
+        assert more, (state, ct.show(UNIT, "NRestarts"))
+
+        ct.exec(["sh", "-c", f"cat > {CONFIG}"], input=good)
+        agent_works_again(ct)
+        # The lockdown run again (as PartOf= does when the firewall service restarts)
+        # leaves a family alone whose chain egressd already holds.
+        before = ct.exec(["iptables-save", "-t", "filter"]).stdout
+        r = ct.exec(["egressd-lockdown"])
+        assert r.stderr.count("exists already") == 2, r.stderr
+        after = ct.exec(["iptables-save", "-t", "filter"]).stdout
+        assert _no_counters(after) == _no_counters(before)
+
+
+def test_boot_with_no_nameserver_is_closed_until_fixed(
+    rootfs: Path, request: pytest.FixtureRequest
+) -> None:
+    config = (rootfs / CONFIG.lstrip("/")).read_text(encoding="utf-8")
+    assert re.search(r"^upstreams = \[\]$", config, re.M), "the default config names upstreams"
+    no_ns = "# no nameserver (test_systemd)\noptions timeout:2\n"
+    with boot_with(rootfs, request, {"/etc/resolv.conf": (no_ns, 0o644)}) as (lab, ct):
+        uid = int(ct.exec(["id", "-u", AGENT_USER]).stdout)
+        still_trying(ct)
+        assert_lockdown_ran(ct, uid)
+        said = " ".join(r.get("MESSAGE", "") for r in ct.journal())
+        assert "nameserver" in said, said[-2000:]
+        assert_agent_closed(ct, lab, "nons")
+
+        ct.exec(
+            ["sh", "-c", "cat > /etc/resolv.conf"],
+            input=f"nameserver {INET_V4}\noptions timeout:2 attempts:2\n",
+        )
+        agent_works_again(ct)
+
+
+def test_boot_with_the_ipv6_install_failing_is_closed_until_fixed(
+    rootfs: Path, request: pytest.FixtureRequest
+) -> None:
+    with boot_with(rootfs, request, {RESTORE6: (FAILING_RESTORE6, 0o755)}) as (lab, ct):
+        uid = int(ct.exec(["id", "-u", AGENT_USER]).stdout)
+        still_trying(ct)
+        assert_lockdown_ran(ct, uid)
+        said = " ".join(r.get("MESSAGE", "") for r in ct.journal())
+        assert "failing on purpose" in said, said[-2000:]
+        # Half applied: IPv4 has egressd's rules, IPv6 still the lockdown's deny-all.
+        v4 = ct.exec(["iptables", "-w", "-S", "EGRESSD-OUTPUT"]).stdout
+        v6 = ct.exec(["ip6tables", "-w", "-S", "EGRESSD-OUTPUT"]).stdout
+        assert "-j EGRESSD-P-agent" in v4, v4
+        assert f"--uid-owner {uid} -j REJECT" in v6 and "EGRESSD-P-" not in v6, v6
+        assert_agent_closed(ct, lab, "v6fail")
+
+        # Debian's own link (the alternatives system picks the nft backend).
+        ct.exec(["ln", "-sfn", "/etc/alternatives/ip6tables-restore", RESTORE6])
+        agent_works_again(ct)
+        v6 = ct.exec(["ip6tables", "-w", "-S", "EGRESSD-OUTPUT"]).stdout
+        assert "-j EGRESSD-P-agent" in v6, v6
+
+
+def test_lockdown_unit_verifies_and_ran_before_egressd(
+    env: Booted, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ct = env.ct
+    path = f"/etc/systemd/system/{LOCKDOWN}"
+    v = ct.exec(["systemd-analyze", "verify", "--man=no", path], check=False)
+    assert v.returncode == 0 and not (v.stdout + v.stderr).strip(), v.stdout + v.stderr
+    # What install.sh laid down: the script next to egressd, the seeded state, both enabled.
+    assert ct.exec(["test", "-x", "/usr/local/sbin/egressd-lockdown"], check=False).returncode == 0
+    state = ct.exec(["cat", "/var/lib/egressd/restricted"]).stdout
+    assert str(env.agent_uid) in state.split(), state
+    # Created without a subordinate range (useradd -K SUB_UID_COUNT=0 ...).
+    for f in ("/etc/subuid", "/etc/subgid"):
+        owners = [ln.split(":")[0] for ln in ct.exec(["cat", f]).stdout.splitlines()]
+        assert AGENT_USER not in owners and str(env.agent_uid) not in owners, (f, owners)
+    # It ran at boot, before egressd, whose rules then replaced its deny-all (one jump).
+    assert ct.show(LOCKDOWN, "ActiveState", "Result") == {
+        "ActiveState": "active",
+        "Result": "success",
+    }
+    done = int(
+        ct.show(LOCKDOWN, "ExecMainExitTimestampMonotonic")["ExecMainExitTimestampMonotonic"]
+    )
+    started = int(env.boot["ExecMainStartTimestampMonotonic"])
+    assert 0 < done < started, (done, started)
+    rules = egressd_rules(ct)
+    assert rules.count("-A OUTPUT -j EGRESSD-OUTPUT") == 1, rules
+    assert "-j EGRESSD-P-agent" in rules, rules
+    # egressd never gives up restarting (the default start limit would after 5 in 10 s).
+    limits = ct.show(UNIT, "Restart", "StartLimitIntervalUSec", "RestartUSec")
+    assert limits == {"Restart": "always", "StartLimitIntervalUSec": "0", "RestartUSec": "2s"}, (
+        limits
+    )
+    s = ct.exec(["systemd-analyze", "security", "--no-pager", LOCKDOWN], check=False)
+    m = re.search(r"Overall exposure level for \S+: ([0-9.]+) (\w+)", s.stdout)
+    assert m, s.stdout[-2000:] + s.stderr
+    with capsys.disabled():
+        print(f"\n[test_systemd] systemd-analyze security {LOCKDOWN}: {m.group(1)} {m.group(2)}")
+    assert float(m.group(1)) < 6.0, s.stdout

@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,10 @@ from egressd.config import (
     Upstream,
     from_command_line,
     load,
+    merge_ranges,
     parse,
     parse_listen,
+    parse_subid_file,
     parse_upstream,
     resolv_conf_upstreams,
 )
@@ -824,3 +827,212 @@ def test_line_numbers_count_newlines_only() -> None:
     # TOML lines end at \n; U+2028 in a comment must not shift the reported line
     text = '[profiles.a]\n# a\u2028b\nusers = ["nobody-here"]\n'
     assert parse_error(text).line == 3
+
+
+# --- subordinate uid ranges (/etc/subuid and getsubids) ----------------------------------------
+
+SUBUID = "/test/subuid"
+NAMES = {1000: "agent", 1001: "agent2", 1002: "builder"}  # uid -> passwd name
+
+
+def sub_sources(
+    subuid: str | None,
+    nss: Mapping[str, Sequence[tuple[int, int]] | ConfigError] | None = None,
+    files: Mapping[str, str] | None = None,
+) -> Sources:
+    """sources() plus a subuid file (None: missing), passwd names and a fake getsubids
+    (a ConfigError value: getsubids fails for that name)."""
+    data = dict(files or {})
+    if subuid is not None:
+        data[SUBUID] = subuid
+
+    def nss_subuids(name: str) -> Sequence[tuple[int, int]]:
+        value = (nss or {}).get(name, ())
+        if isinstance(value, ConfigError):
+            raise value
+        return value
+
+    return dataclasses.replace(
+        sources(data),
+        lookup_name=NAMES.get,
+        subuid_file=SUBUID,
+        nss_subuids=nss_subuids,
+    )
+
+
+TWO_PROFILES = """\
+[profiles.agent]
+users = ["agent"]
+allow = ["a.example"]
+
+[profiles.build]
+users = ["builder"]
+allow = ["b.example"]
+port = 154
+"""
+
+
+def test_subordinate_ranges_by_name_and_by_uid() -> None:
+    subuid = (
+        "# written by useradd\n"
+        "\n"
+        "agent:100000:65536\n"
+        "1000:300000:10\n"  # the same user by uid
+        "0001000:310000:10\n"  # a numeric owner matches by value (util-linux does)
+        "agent2:400000:65536\n"
+        "agent:165536:5\n"  # adjacent to the first: merged
+    )
+    cfg = parse(MINIMAL, CONF, sub_sources(subuid))
+    assert cfg.profiles[0].uid_ranges == ((100000, 165540), (300000, 300009), (310000, 310009))
+
+
+def test_numeric_user_gets_the_ranges_of_its_passwd_name() -> None:
+    text = MINIMAL.replace('users = ["agent"]', 'users = [1000, "1001"]')
+    cfg = parse(text, CONF, sub_sources("agent:100000:65536\nagent2:200000:65536\n"))
+    assert cfg.profiles[0].uid_ranges == ((100000, 165535), (200000, 265535))
+
+
+def test_uid_without_passwd_entry_still_gets_numeric_lines() -> None:
+    # A uid that is not in passwd today may be tomorrow (LDAP); its lines then apply.
+    text = MINIMAL.replace('users = ["agent"]', "users = [4242]")
+    cfg = parse(text, CONF, sub_sources("4242:500000:5\nagent:100000:65536\n"))
+    assert cfg.profiles[0].uid_ranges == ((500000, 500004),)
+
+
+@pytest.mark.parametrize("subuid", [None, "", "# nothing\n\n", "agent:100000:0\n"])
+def test_no_subordinate_ranges(subuid: str | None) -> None:
+    assert parse(MINIMAL, CONF, sub_sources(subuid)).profiles[0].uid_ranges == ()
+
+
+def test_nss_ranges_are_added_and_merged_with_the_file() -> None:
+    nss = {"agent": [(100000, 65536), (165000, 1000), (900000, 10)]}
+    cfg = parse(MINIMAL, CONF, sub_sources("agent:100000:65536\n", nss))
+    assert cfg.profiles[0].uid_ranges == ((100000, 165999), (900000, 900009))
+
+
+def test_nss_is_asked_by_passwd_name_for_numeric_users() -> None:
+    text = MINIMAL.replace('users = ["agent"]', "users = [1002]")
+    cfg = parse(text, CONF, sub_sources("", {"builder": [(700000, 100)]}))
+    assert cfg.profiles[0].uid_ranges == ((700000, 700099),)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "agent:100000",
+        "agent:100000:65536:1",
+        ":100000:65536",
+        "agent:0x186a0:65536",
+        "agent:0100000:65536",  # octal to some parsers, decimal to others
+        "agent:-1:65536",
+        "agent:+100000:65536",
+        "agent:100000:6 5536",
+        "agent:１００:5",  # full-width digits are digits to str.isdigit
+    ],
+)
+def test_malformed_subuid_line_names_the_file_and_line(line: str) -> None:
+    err = parse_error(MINIMAL, sub_sources(f"# header\nagent2:200000:65536\n{line}\n"))
+    assert err.file == SUBUID and err.line == 3
+    assert "malformed" in str(err) and line in str(err)
+
+
+def test_subuid_range_past_the_largest_uid_is_an_error() -> None:
+    err = parse_error(MINIMAL, sub_sources("agent:4294967000:1000\n"))
+    assert err.file == SUBUID and err.line == 1 and "largest uid" in str(err)
+
+
+def test_range_containing_root_is_refused() -> None:
+    err = parse_error(MINIMAL, sub_sources("agent2:1:5\n\nagent:0:65536\n"))
+    assert err.file == SUBUID and err.line == 3
+    assert "root" in str(err) and "usermod --del-subuids 0-65535 agent" in str(err)
+
+
+def test_nss_range_containing_root_is_refused_at_the_users_key() -> None:
+    err = parse_error(MINIMAL, sub_sources("", {"agent": [(0, 10)]}))
+    assert (err.file, err.line, err.key) == (CONF, 2, "profiles.agent.users")
+    assert "getsubids agent" in str(err) and "root" in str(err)
+
+
+def test_getsubids_failure_is_a_config_error_at_the_users_key() -> None:
+    failing = ConfigError("getsubids agent failed (exit 1): sssd is down")
+    err = parse_error(MINIMAL, sub_sources("", {"agent": failing}))
+    assert (err.file, err.line) == (CONF, 2) and "sssd is down" in str(err)
+
+
+def test_unreadable_subuid_file_is_an_error() -> None:
+    def read_text(path: str) -> str:
+        if path == SUBUID:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        return sources().read_text(path)
+
+    src = dataclasses.replace(sub_sources(None), read_text=read_text)
+    err = parse_error(MINIMAL, src)
+    assert err.file == SUBUID and "Permission denied" in str(err)
+
+
+@pytest.mark.parametrize(
+    ("subuid", "words"),
+    [
+        # a range of one profile contains a uid of another, either order
+        ("agent:1000:5000\n", "uid 1002 is inside the subordinate uid range 1000-5999 of "),
+        ("builder:900:200\n", "range 900-1099 contains uid 1000 of profile agent"),
+        ("agent:100000:65536\nbuilder:165535:10\n", "overlaps 100000-165535 of profile agent"),
+    ],
+)
+def test_ranges_may_not_touch_another_profile(subuid: str, words: str) -> None:
+    err = parse_error(TWO_PROFILES, sub_sources(subuid))
+    assert err.key == "profiles.build.users" and words in str(err)
+
+
+def test_a_range_may_cover_its_own_users_uid() -> None:
+    cfg = parse(MINIMAL, CONF, sub_sources("agent:900:200\n"))
+    assert cfg.profiles[0].uids == (1000,) and cfg.profiles[0].uid_ranges == ((900, 1099),)
+
+
+def test_every_load_rereads_the_subuid_file() -> None:
+    files = {CONF: MINIMAL, SUBUID: "agent:100000:65536\n"}
+
+    def read_text(path: str) -> str:
+        if path in files:
+            return files[path]
+        return sources().read_text(path)
+
+    src = dataclasses.replace(sub_sources(None), read_text=read_text)
+    assert load(CONF, src).profiles[0].uid_ranges == ((100000, 165535),)
+    files[SUBUID] = "agent:200000:10\n"  # usermod --del-subuids / --add-subuids, then reload
+    assert load(CONF, src).profiles[0].uid_ranges == ((200000, 200009),)
+
+
+def test_from_command_line_restricts_subordinate_ranges_too() -> None:
+    src = sub_sources("agent:100000:65536\n4242:500000:5\n", {"agent": [(800000, 1)]})
+    cl = CommandLine(users=["agent", "4242"], allow=["a.example"])
+    assert from_command_line(cl, src).profiles[0].uid_ranges == (
+        (100000, 165535),
+        (500000, 500004),
+        (800000, 800000),
+    )
+
+
+def test_from_command_line_subordinate_range_errors() -> None:
+    cl = CommandLine(users=["agent"], allow=["a.example"])
+    err = parse_error_cl(cl, sub_sources("agent:0:65536\n"))
+    assert err.file == SUBUID and err.line == 1
+    err = parse_error_cl(cl, sub_sources("", {"agent": ConfigError("getsubids agent: boom")}))
+    assert err.key == "--user" and "boom" in str(err)
+
+
+def parse_error_cl(cl: CommandLine, src: Sources) -> ConfigError:
+    with pytest.raises(ConfigError) as exc:
+        from_command_line(cl, src)
+    return exc.value
+
+
+def test_parse_subid_file_and_merge_ranges() -> None:
+    lines = parse_subid_file("  # c\n a:1:2 \nb:10:1\n", "/x")
+    assert [(e.owner, e.first, e.last, e.line) for e in lines] == [("a", 1, 2, 2), ("b", 10, 10, 3)]
+    assert merge_ranges([(10, 20), (1, 5), (6, 8), (15, 30), (40, 40)]) == (
+        (1, 8),
+        (10, 30),
+        (40, 40),
+    )
+    assert merge_ranges([]) == ()

@@ -22,7 +22,15 @@ from egressd.allowlist import parse_lines
 from egressd.cache import Cache
 from egressd.config import Config, DaemonSettings, GrantSettings, Profile, Upstream
 from egressd.errors import FirewallError, UpstreamError
-from egressd.events import Error, Event, GrantFailed, QueryBlocked, QueryRefused, UpstreamFailed
+from egressd.events import (
+    AnswerFiltered,
+    Error,
+    Event,
+    GrantFailed,
+    QueryBlocked,
+    QueryRefused,
+    UpstreamFailed,
+)
 from egressd.ledger import Ledger, Write
 from egressd.pipeline import Pipeline, PolicyRef
 from egressd.policy import Policy
@@ -624,3 +632,194 @@ def test_reply_ttl_never_outlives_the_grant() -> None:
     assert [rr.ttl for rr in reply.answer] == [GRANTS.ceiling]
     (write,) = r.firewall.calls[0]
     assert write.timeout == GRANTS.ceiling + GRANTS.grace >= reply.answer[0].ttl
+
+
+# --- rebinding guard -----------------------------------------------------------------------------
+
+
+def rebind_rig(
+    rcode: str = "noerror", private: tuple[str, ...] = (), cache_entries: int = 100
+) -> Rig:
+    """A rig whose agent profile has `private_answers` (CIDRs and patterns) and rebind_rcode."""
+    import dataclasses
+    import ipaddress
+
+    from egressd.allowlist import parse_pattern
+    from egressd.config import IPNetwork
+
+    r = rig(cache_entries=cache_entries)
+    cfg = r.pipeline.ref.policy.config
+    cidrs: list[IPNetwork] = []
+    names = []
+    for item in private:
+        if "/" in item:
+            cidrs.append(ipaddress.ip_network(item))
+        else:
+            names.append(parse_pattern(item, "/etc/egressd/egressd.toml:9"))
+    agent = dataclasses.replace(
+        cfg.profiles[0], private_cidrs=tuple(cidrs), private_names=tuple(names)
+    )
+    r.pipeline.ref.policy = Policy(
+        dataclasses.replace(
+            cfg,
+            daemon=dataclasses.replace(cfg.daemon, rebind_rcode=rcode),
+            profiles=(agent, *cfg.profiles[1:]),
+        )
+    )
+    return r
+
+
+def granted(r: Rig) -> list[str]:
+    return sorted(w.ip for call in r.firewall.calls for w in call)
+
+
+MIXED = (
+    ("www.example.com.", 3600, "CNAME", "e1.cdn-provider.example."),
+    ("e1.cdn-provider.example.", 120, "A", "192.0.2.10"),
+    ("e1.cdn-provider.example.", 120, "A", "127.0.0.1"),
+    ("e1.cdn-provider.example.", 120, "A", "169.254.169.254"),
+    ("e1.cdn-provider.example.", 120, "A", "10.0.0.5"),
+)
+
+
+def test_private_addresses_are_removed_and_never_granted() -> None:
+    r = rebind_rig()
+    r.resolver.add("www.example.com", "A", MIXED)
+    reply = r.ask(wire("www.example.com"))
+    assert reply is not None and reply.rcode() == dns.rcode.NOERROR
+    assert addresses(reply) == ["192.0.2.10"]
+    assert [str(rr.name) for rr in reply.answer] == ["www.example.com.", "e1.cdn-provider.example."]
+    assert [rr.ttl for rr in reply.answer] == [3600, 120]
+    assert granted(r) == ["192.0.2.10"]
+    assert r.log == ["resolve", "allow", "reply"]
+    (ev,) = r.events
+    assert isinstance(ev, AnswerFiltered) and ev.PER_QUERY
+    assert (ev.profile, ev.qname, ev.qtype, ev.kept) == ("agent", "www.example.com", "A", 1)
+    assert ev.dropped == ("127.0.0.1", "169.254.169.254", "10.0.0.5")
+    assert ev.rules == ("127.0.0.0/8", "169.254.0.0/16", "10.0.0.0/8")
+    assert "169.254.169.254: 169.254.0.0/16 (link-local" in ev.reason
+    assert ev.client == "udp:127.0.0.1:5555"
+    assert r.stats.allowed == 1
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["::1", "::ffff:10.77.0.5", "::ffff:127.0.0.1", "fd00::5", "fe80::1", "64:ff9b::a9fe:a9fe"],
+)
+def test_private_aaaa_is_removed(bad: str) -> None:
+    r = rebind_rig()
+    r.resolver.add(
+        "v6.example.com",
+        "AAAA",
+        (("v6.example.com.", 300, "AAAA", "2001:db8::1"), ("v6.example.com.", 300, "AAAA", bad)),
+    )
+    reply = r.ask(wire("v6.example.com", "AAAA"))
+    assert reply is not None and addresses(reply) == ["2001:db8::1"]
+    assert granted(r) == ["2001:db8::1"]
+    (ev,) = r.events
+    assert isinstance(ev, AnswerFiltered) and len(ev.dropped) == 1
+
+
+@pytest.mark.parametrize(
+    ("rcode", "expected"),
+    [
+        ("noerror", dns.rcode.NOERROR),
+        ("nxdomain", dns.rcode.NXDOMAIN),
+        ("refused", dns.rcode.REFUSED),
+        ("servfail", dns.rcode.SERVFAIL),
+    ],
+)
+def test_answer_left_without_addresses_is_empty_with_the_configured_rcode(
+    rcode: str, expected: int
+) -> None:
+    r = rebind_rig(rcode)
+    r.resolver.add(
+        "meta.example.com",
+        "A",
+        (
+            ("meta.example.com.", 300, "CNAME", "x.attacker.example."),
+            ("x.attacker.example.", 300, "A", "169.254.169.254"),
+        ),
+    )
+    for _ in range(2):  # the second from the cache: still nothing
+        reply = r.ask(wire("meta.example.com"))
+        assert reply is not None and reply.rcode() == expected
+        assert reply.answer == [] and addresses(reply) == []
+    assert r.firewall.calls == []
+    assert len(r.resolver.calls) == 1
+    (ev,) = r.events
+    assert isinstance(ev, AnswerFiltered) and ev.kept == 0 and ev.dropped == ("169.254.169.254",)
+    assert "no address left" in ev.message()
+
+
+def test_cache_hit_never_grants_or_serves_a_dropped_address() -> None:
+    r = rebind_rig()
+    r.resolver.add("www.example.com", "A", MIXED)
+    r.ask(wire("www.example.com"))
+    r.clock.now += 100  # the grant needs re-arming: the hit writes again
+    reply = r.ask(wire("www.example.com"))
+    assert reply is not None and addresses(reply) == ["192.0.2.10"]
+    assert len(r.resolver.calls) == 1 and r.stats.cache_hits == 1
+    assert len(r.firewall.calls) == 2
+    assert granted(r) == ["192.0.2.10", "192.0.2.10"]
+
+
+def test_cidr_exception_keeps_its_addresses() -> None:
+    r = rebind_rig(private=("10.0.0.0/24", "fd00::/8"))
+    r.resolver.add("www.example.com", "A", MIXED)
+    reply = r.ask(wire("www.example.com"))
+    assert reply is not None and addresses(reply) == ["10.0.0.5", "192.0.2.10"]
+    assert granted(r) == ["10.0.0.5", "192.0.2.10"]
+    (ev,) = r.events
+    assert isinstance(ev, AnswerFiltered) and ev.dropped == ("127.0.0.1", "169.254.169.254")
+    # the exception is the agent profile's only
+    reply = r.ask(wire("www.example.com"), port=154)
+    assert reply is not None and addresses(reply) == ["192.0.2.10"]
+
+
+def test_name_exception_lets_the_answer_carry_private_addresses_but_not_this_host() -> None:
+    r = rebind_rig(private=("**.lab.example.com",))
+    r.resolver.add("git.lab.example.com", "A", (("git.lab.example.com.", 300, "A", "10.9.8.7"),))
+    r.resolver.add(
+        "lo.lab.example.com",
+        "A",
+        (
+            ("lo.lab.example.com.", 300, "A", "127.0.0.1"),
+            ("lo.lab.example.com.", 300, "A", "10.1.1.1"),
+        ),
+    )
+    r.resolver.add("www.example.com", "A", MIXED)
+    assert addresses(r.ask(wire("git.lab.example.com"))) == ["10.9.8.7"]  # type: ignore[arg-type]
+    assert addresses(r.ask(wire("lo.lab.example.com"))) == ["10.1.1.1"]  # type: ignore[arg-type]
+    assert addresses(r.ask(wire("www.example.com"))) == ["192.0.2.10"]  # type: ignore[arg-type]
+    assert granted(r) == ["10.1.1.1", "10.9.8.7", "192.0.2.10"]
+    assert [e.dropped for e in r.events if isinstance(e, AnswerFiltered)] == [
+        ("127.0.0.1",),
+        ("127.0.0.1", "169.254.169.254", "10.0.0.5"),
+    ]
+
+
+def test_the_hosts_own_addresses_are_removed_and_a_change_empties_the_cache() -> None:
+    import ipaddress
+
+    r = rebind_rig()
+    r.resolver.add("www.example.com", "A", CHAIN)
+    assert addresses(r.ask(wire("www.example.com"))) == ["192.0.2.10", "192.0.2.11"]  # type: ignore[arg-type]
+    # 192.0.2.11 becomes one of the host's addresses: the cached answer must not serve it
+    assert r.pipeline.set_local_addresses(frozenset({ipaddress.ip_address("192.0.2.11")}))
+    assert not r.pipeline.set_local_addresses(frozenset({ipaddress.ip_address("192.0.2.11")}))
+    r.clock.now += 100
+    reply = r.ask(wire("www.example.com"))
+    assert reply is not None and addresses(reply) == ["192.0.2.10"]
+    assert len(r.resolver.calls) == 2
+    assert "192.0.2.11" not in [w.ip for w in r.firewall.calls[-1]]
+    ev = r.events[-1]
+    assert isinstance(ev, AnswerFiltered) and ev.rules == ("own-address",)
+
+
+def test_public_answers_are_untouched() -> None:
+    r = rebind_rig()
+    r.resolver.add("www.example.com", "A", CHAIN)
+    reply = r.ask(wire("www.example.com"))
+    assert reply is not None and addresses(reply) == ["192.0.2.10", "192.0.2.11"]
+    assert r.events == []

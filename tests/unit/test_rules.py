@@ -45,12 +45,18 @@ AGENT = Profile(
         ipaddress.ip_network("192.168.1.0/24"),
     ),
     allow_loopback=True,
+    uid_ranges=((100000, 165535),),
+    mark_id=7,
 )
 BUILD = Profile(
     name="build",
     uids=(1002,),
     port=154,
     cidrs=(ipaddress.ip_network("2001:db8::/32"),),
+    mark_id=255,
+    conn_rate=50,
+    conn_burst=100,
+    conn_max=300,
 )
 PROFILES = (AGENT, BUILD)
 ALL_JUMPS = (("filter", FILTER_CHAIN), ("nat", NAT_CHAIN))
@@ -107,10 +113,14 @@ def test_tables_and_chain_declarations(fam: Family) -> None:
     assert text.endswith("COMMIT\n")
     assert [ln for ln in lines(text) if ln.startswith("*")] == ["*filter", "*nat"]
     assert lines(text).count("COMMIT") == 2
-    assert table(text, "filter")[:3] == [
+    assert table(text, "filter")[:7] == [
         f":{FILTER_CHAIN} - [0:0]",
         ":EGRESSD-P-agent - [0:0]",
+        ":EGRESSD-A-agent - [0:0]",
+        ":EGRESSD-R-agent - [0:0]",
         ":EGRESSD-P-build - [0:0]",
+        ":EGRESSD-A-build - [0:0]",
+        ":EGRESSD-R-build - [0:0]",
     ]
     assert table(text, "nat")[0] == f":{NAT_CHAIN} - [0:0]"
     # nothing outside egressd's own chains is touched without missing_jumps
@@ -123,7 +133,7 @@ def test_tables_and_chain_declarations(fam: Family) -> None:
 def test_nat_redirects_dns_per_uid(fam: Family) -> None:
     nat = [ln for ln in table(render(PROFILES, fam), "nat") if ln.startswith("-A")]
     expected = []
-    for uid, port in ((1000, 153), (1001, 153), (1002, 154)):
+    for uid, port in ((1000, 153), (1001, 153), ("100000-165535", 153), (1002, 154)):
         for proto in ("udp", "tcp"):
             expected.append(
                 f"-A EGRESSD-DNS -p {proto} -m owner --uid-owner {uid} -m {proto} --dport 53 "
@@ -138,6 +148,7 @@ def test_uid_dispatch(fam: Family) -> None:
     assert [ln for ln in filt if ln.startswith(f"-A {FILTER_CHAIN}")] == [
         f"-A {FILTER_CHAIN} -m owner --uid-owner 1000 -j EGRESSD-P-agent",
         f"-A {FILTER_CHAIN} -m owner --uid-owner 1001 -j EGRESSD-P-agent",
+        f"-A {FILTER_CHAIN} -m owner --uid-owner 100000-165535 -j EGRESSD-P-agent",
         f"-A {FILTER_CHAIN} -m owner --uid-owner 1002 -j EGRESSD-P-build",
     ]
 
@@ -147,43 +158,120 @@ def chain_rules(text: str, chain: str) -> list[str]:
 
 
 def test_agent_chain_v4_order() -> None:
-    r = chain_rules(render(PROFILES, V4), "EGRESSD-P-agent")
+    text = render(PROFILES, V4)
+    r = chain_rules(text, "EGRESSD-P-agent")
     c = "-A EGRESSD-P-agent"
-    set4 = "-m set --match-set egressd-agent-v4 dst -j ACCEPT"
-    log = '-m limit --limit 10/second --limit-burst 20 -j LOG --log-prefix "egressd reject'
+    admit, reject = "-j EGRESSD-A-agent", "-j EGRESSD-R-agent"
+    set4 = f"-m set --match-set egressd-agent-v4 dst {admit}"
     first = ",".join(map(str, AGENT_PORTS[:15]))
     rest = ",".join(map(str, AGENT_PORTS[15:]))
     assert r == [
-        f"{c} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
-        f"{c} -d 127.0.0.1/32 -p udp -m udp --dport 153 -j ACCEPT",
-        f"{c} -d 127.0.0.1/32 -p tcp -m tcp --dport 153 -j ACCEPT",
-        f"{c} -o lo -j ACCEPT",
+        f"{c} -m conntrack --ctstate ESTABLISHED,RELATED -m connmark --mark 0x7000000/0xff000000"
+        " -j ACCEPT",
+        f"{c} -o lo -m conntrack --ctstate ESTABLISHED,RELATED --ctdir REPLY -j ACCEPT",
+        f"{c} -m conntrack ! --ctstate NEW {reject}",
+        f"{c} -m hashlimit --hashlimit-above 500/second --hashlimit-burst 2000"
+        f" --hashlimit-name egressd-7-500-2000 {reject}",
+        f"{c} -m connlimit --connlimit-above 4096 --connlimit-mask 0 {reject}",
+        f"{c} -d 127.0.0.1/32 -p udp -m udp --dport 153 {admit}",
+        f"{c} -d 127.0.0.1/32 -p tcp -m tcp --dport 153 {admit}",
+        f"{c} -p udp -m udp --dport 53 {reject}",
+        f"{c} -p tcp -m tcp --dport 53 {reject}",
+        f"{c} -o lo {admit}",
         f"{c} -p tcp -m multiport --dports {first} {set4}",
         f"{c} -p tcp -m multiport --dports {rest} {set4}",
         f"{c} -p udp -m multiport --dports {first} {set4}",
         f"{c} -p udp -m multiport --dports {rest} {set4}",
-        f"{c} -d 10.0.0.0/8 -j ACCEPT",
-        f"{c} -d 192.168.1.0/24 -j ACCEPT",
-        f'{c} {log} agent: " --log-uid',
-        f"{c} -p tcp -j REJECT --reject-with tcp-reset",
-        f"{c} -j REJECT --reject-with icmp-admin-prohibited",
+        f"{c} -d 10.0.0.0/8 {admit}",
+        f"{c} -d 192.168.1.0/24 {admit}",
+        f"{c} {reject}",
+    ]
+    assert chain_rules(text, "EGRESSD-A-agent") == [
+        "-A EGRESSD-A-agent -j CONNMARK --set-xmark 0x7000000/0xff000000",
+        "-A EGRESSD-A-agent -j ACCEPT",
+    ]
+    log = '-m limit --limit 10/second --limit-burst 20 -j LOG --log-prefix "egressd reject'
+    assert chain_rules(text, "EGRESSD-R-agent") == [
+        f'-A EGRESSD-R-agent {log} agent: " --log-uid',
+        "-A EGRESSD-R-agent -p tcp -j REJECT --reject-with tcp-reset",
+        "-A EGRESSD-R-agent -j REJECT --reject-with icmp-admin-prohibited",
     ]
 
 
 def test_build_chain_v6_order() -> None:
-    r = chain_rules(render(PROFILES, V6), "EGRESSD-P-build")
+    text = render(PROFILES, V6, ct_mask=0x0000FF00)
+    r = chain_rules(text, "EGRESSD-P-build")
     c = "-A EGRESSD-P-build"
-    log = '-m limit --limit 10/second --limit-burst 20 -j LOG --log-prefix "egressd reject'
+    admit, reject = "-j EGRESSD-A-build", "-j EGRESSD-R-build"
     assert r == [
-        f"{c} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
-        f"{c} -d ::1/128 -p udp -m udp --dport 154 -j ACCEPT",
-        f"{c} -d ::1/128 -p tcp -m tcp --dport 154 -j ACCEPT",
-        f"{c} -m set --match-set egressd-build-v6 dst -j ACCEPT",
-        f"{c} -d 2001:db8::/32 -j ACCEPT",
-        f'{c} {log} build: " --log-uid',
-        f"{c} -p tcp -j REJECT --reject-with tcp-reset",
-        f"{c} -j REJECT --reject-with icmp6-adm-prohibited",
+        f"{c} -m conntrack --ctstate ESTABLISHED,RELATED -m connmark --mark 0xff00/0xff00"
+        " -j ACCEPT",
+        f"{c} -o lo -m conntrack --ctstate ESTABLISHED,RELATED --ctdir REPLY -j ACCEPT",
+        f"{c} -m conntrack ! --ctstate NEW {reject}",
+        f"{c} -m hashlimit --hashlimit-above 50/second --hashlimit-burst 100"
+        f" --hashlimit-name egressd-255-50-100 {reject}",
+        f"{c} -m connlimit --connlimit-above 300 --connlimit-mask 0 {reject}",
+        f"{c} -d ::1/128 -p udp -m udp --dport 154 {admit}",
+        f"{c} -d ::1/128 -p tcp -m tcp --dport 154 {admit}",
+        f"{c} -p udp -m udp --dport 53 {reject}",
+        f"{c} -p tcp -m tcp --dport 53 {reject}",
+        f"{c} -m addrtype --dst-type LOCAL {reject}",
+        f"{c} -m set --match-set egressd-build-v6 dst {admit}",
+        f"{c} -d 2001:db8::/32 {admit}",
+        f"{c} {reject}",
     ]
+    assert chain_rules(text, "EGRESSD-A-build")[0] == (
+        "-A EGRESSD-A-build -j CONNMARK --set-xmark 0xff00/0xff00"
+    )
+    assert chain_rules(text, "EGRESSD-R-build")[-1] == (
+        "-A EGRESSD-R-build -j REJECT --reject-with icmp6-adm-prohibited"
+    )
+
+
+@pytest.mark.parametrize("fam", [V4, V6])
+def test_every_accept_of_a_new_flow_marks_it(fam: Family) -> None:
+    """Only the marked-established and loopback-reply rules accept directly; every other
+    accept goes through the admit chain, which marks the flow first."""
+    text = render(PROFILES, fam)
+    for p in PROFILES:
+        direct = [ln for ln in chain_rules(text, profile_chain(p)) if ln.endswith("-j ACCEPT")]
+        assert len(direct) == 2
+        assert "--connmark" not in direct[0] and "connmark --mark" in direct[0]
+        assert "--ctdir REPLY" in direct[1] and "-o lo" in direct[1]
+        admit = chain_rules(text, rules.admit_chain(p))
+        assert admit[0].startswith(f"-A {rules.admit_chain(p)} -j CONNMARK --set-xmark ")
+        assert admit[-1] == f"-A {rules.admit_chain(p)} -j ACCEPT"
+
+
+@pytest.mark.parametrize("fam", [V4, V6])
+def test_non_new_and_escaped_dns_are_rejected_before_any_admit(fam: Family) -> None:
+    text = render(PROFILES, fam)
+    for p in PROFILES:
+        r = chain_rules(text, profile_chain(p))
+        first_admit = min(i for i, ln in enumerate(r) if ln.endswith(rules.admit_chain(p)))
+        non_new = next(i for i, ln in enumerate(r) if "! --ctstate NEW" in ln)
+        limit = next(i for i, ln in enumerate(r) if "hashlimit" in ln)
+        count = next(i for i, ln in enumerate(r) if "connlimit" in ln)
+        assert non_new < limit < count < first_admit
+        dns53 = [i for i, ln in enumerate(r) if "--dport 53 " in ln]
+        accepts = [i for i, ln in enumerate(r) if ln.endswith(rules.admit_chain(p))]
+        dns = [i for i, ln in enumerate(r) if f"--dport {p.port} " in ln]
+        assert len(dns53) == 2 and all(i < min(set(accepts) - set(dns)) for i in dns53)
+        assert r[-1] == f"-A {profile_chain(p)} -j {rules.reject_chain(p)}"
+
+
+def test_mark_of_places_the_id_under_the_mask() -> None:
+    assert rules.mark_of(AGENT, 0xFF000000) == "0x7000000/0xff000000"
+    assert rules.mark_of(AGENT, 0x00F0) == "0x70/0xf0"
+    assert rules.mark_of(BUILD, 0xFF) == "0xff/0xff"
+
+
+def test_log_prefix_fits_the_kernel_limit() -> None:
+    longest = Profile(name="a" * 15, uids=(5,))
+    for ln in lines(render([longest], V4)):
+        if "--log-prefix" in ln:
+            prefix = ln.split('--log-prefix "')[1].split('"')[0]
+            assert len(prefix) <= 29 and prefix.startswith("egressd reject ")
 
 
 def test_cidrs_of_the_family_only() -> None:
@@ -191,7 +279,7 @@ def test_cidrs_of_the_family_only() -> None:
     v6 = render(PROFILES, V6)
     assert "fd00::/8" not in v4 and "2001:db8::/32" not in v4
     assert "10.0.0.0/8" not in v6 and "192.168.1.0/24" not in v6
-    assert "-A EGRESSD-P-agent -d fd00::/8 -j ACCEPT" in lines(v6)
+    assert "-A EGRESSD-P-agent -d fd00::/8 -j EGRESSD-A-agent" in lines(v6)
     assert "egressd-agent-v6" not in v4 and "egressd-agent-v4" not in v6
     assert "127.0.0.1" not in v6 and "::1/128" not in v4
     assert "icmp6" not in v4 and "icmp-admin" not in v6
@@ -211,7 +299,7 @@ def test_multiport_chunks_never_exceed_the_limit() -> None:
 
 def test_missing_jumps_insert_at_the_top() -> None:
     text = render(PROFILES, V4, missing_jumps=ALL_JUMPS)
-    assert table(text, "filter")[3] == f"-I OUTPUT 1 -j {FILTER_CHAIN}"
+    assert table(text, "filter")[7] == f"-I OUTPUT 1 -j {FILTER_CHAIN}"
     assert table(text, "nat")[1] == f"-I OUTPUT 1 -j {NAT_CHAIN}"
     assert lines(text).count(f"-I OUTPUT 1 -j {FILTER_CHAIN}") == 1
     only_nat = render(PROFILES, V4, missing_jumps=(("nat", NAT_CHAIN),))
@@ -233,9 +321,12 @@ def test_stale_jumps_are_replaced_by_one_at_the_top_in_one_transaction() -> None
 def test_rule_counts_of_a_render_and_of_iptables_save_agree() -> None:
     text = render(PROFILES, V4, missing_jumps=ALL_JUMPS)
     counts = rules.rule_counts(text)
-    assert set(counts) == {FILTER_CHAIN, NAT_CHAIN, *(f"EGRESSD-P-{p.name}" for p in PROFILES)}
-    assert counts[FILTER_CHAIN] == sum(len(p.uids) for p in PROFILES)
-    assert counts[NAT_CHAIN] == 2 * sum(len(p.uids) for p in PROFILES)
+    assert set(counts) == {FILTER_CHAIN, NAT_CHAIN} | {
+        f"EGRESSD-{kind}-{p.name}" for p in PROFILES for kind in "PAR"
+    }
+    owners = sum(len(p.uids) + len(p.uid_ranges) for p in PROFILES)
+    assert counts[FILTER_CHAIN] == owners
+    assert counts[NAT_CHAIN] == 2 * owners
     # OUTPUT's own rules and foreign chains are not egressd's to count.
     saved = "-A OUTPUT -j EGRESSD-OUTPUT\n-A DOCKER -j RETURN\n-A EGRESSD-DNS -j RETURN\n"
     assert rules.rule_counts(saved) == {"EGRESSD-DNS": 1}
@@ -255,7 +346,8 @@ def test_no_profiles() -> None:
 
 def test_chains() -> None:
     assert chains(PROFILES) == {
-        "filter": {FILTER_CHAIN, "EGRESSD-P-agent", "EGRESSD-P-build"},
+        "filter": {FILTER_CHAIN}
+        | {f"EGRESSD-{kind}-{name}" for kind in "PAR" for name in ("agent", "build")},
         "nat": {NAT_CHAIN},
     }
     assert chains(()) == {"filter": {FILTER_CHAIN}, "nat": {NAT_CHAIN}}
@@ -263,7 +355,7 @@ def test_chains() -> None:
     assert JUMPS == (("filter", FILTER_CHAIN), ("nat", NAT_CHAIN))
     # every chain name fits iptables' 28-character limit for the longest profile name
     longest = Profile(name="a" * 15, uids=(5,))
-    assert len(profile_chain(longest)) <= 28
+    assert all(len(c) <= 28 for c in chains([longest])["filter"])
     assert all(
         name.startswith(rules.CHAIN_PREFIX) for t in chains([longest]).values() for name in t
     )
@@ -274,3 +366,32 @@ def test_every_declared_chain_is_in_chains() -> None:
         text = render(PROFILES, fam)
         declared = {ln[1:].split()[0] for ln in lines(text) if ln.startswith(":")}
         assert declared == chains(PROFILES)["filter"] | chains(PROFILES)["nat"]
+
+
+@pytest.mark.parametrize("fam", [V4, V6])
+def test_lock_rejects_every_owner_of_every_profile(fam: Family) -> None:
+    text = rules.render_lock(PROFILES, fam, add_jump=True)
+    assert lines(text)[:2] == ["*filter", f":{FILTER_CHAIN} - [0:0]"]
+    assert lines(text)[-2:] == [f"-I OUTPUT 1 -j {FILTER_CHAIN}", "COMMIT"]
+    assert "*nat" not in text
+    rejects = [ln for ln in lines(text) if ln.startswith("-A")]
+    owners = ["1000", "1001", "100000-165535", "1002"]
+    assert rejects == [
+        f"-A {FILTER_CHAIN} {rest}"
+        for o in owners
+        for rest in (
+            f"-p tcp -m owner --uid-owner {o} -j REJECT --reject-with tcp-reset",
+            f"-m owner --uid-owner {o} -j REJECT --reject-with {fam.reject}",
+        )
+    ]
+    assert "-I OUTPUT" not in rules.render_lock(PROFILES, fam, add_jump=False)
+
+
+def test_restricted_state_lists_uids_and_ranges() -> None:
+    text = rules.restricted(PROFILES)
+    assert [ln for ln in lines(text) if not ln.startswith("#")] == [
+        "1000",
+        "1001",
+        "100000-165535",
+        "1002",
+    ]
