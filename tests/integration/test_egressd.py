@@ -40,6 +40,8 @@ def write_config(
     profile: str = "",
     upstreams: tuple[str, ...] = (INET_V4,),
     upstream_timeout: float = 1.0,
+    verify_interval: float = 1.0,
+    users: tuple[int | str, ...] = (AGENT,),
 ) -> Path:
     """A config + allowlist file in the lab's root-only temp dir."""
     allowlist = lab.tmpdir / f"{name}.allow.txt"
@@ -50,14 +52,14 @@ def write_config(
 [daemon]
 upstreams = {json.dumps(list(upstreams))}
 upstream_timeout = {upstream_timeout}
-verify_interval = 1.0
+verify_interval = {verify_interval}
 {daemon}
 
 [grants]
 {grants}
 
 [profiles.agent]
-users = [{AGENT}]
+users = {json.dumps(list(users))}
 allowlists = ["{allowlist.name}"]
 port = {PORT}
 {profile}

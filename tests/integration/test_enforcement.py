@@ -28,6 +28,11 @@ BUILD = 64125  # a second restricted uid, in profile "build"
 ECHO_UDP = 9999
 
 
+def mangle_output(lab: Lab, *rule: str) -> None:
+    """A foreign rule in the host's mangle OUTPUT chain (another tool's)."""
+    lab.netns_exec("host", ["iptables", "-t", "mangle", "-A", "OUTPUT", *rule])
+
+
 def enable_ct_accounting(lab: Lab) -> None:
     # Per-namespace; only flows created after this carry packet counters.
     lab.netns_exec("host", ["sysctl", "-q", "-w", "net.netfilter.nf_conntrack_acct=1"])
@@ -82,20 +87,7 @@ port = 154
 def test_the_agent_cannot_continue_a_dns_flow_another_uid_opened(lab: Lab, rogue: str) -> None:
     lab.dns.set(BASIC)
     # A foreign CONNMARK rule outside egressd's bits (kube-proxy style) changes nothing.
-    lab.netns_exec(
-        "host",
-        [
-            "iptables",
-            "-t",
-            "mangle",
-            "-A",
-            "OUTPUT",
-            "-j",
-            "CONNMARK",
-            "--set-xmark",
-            "0x4000/0x4000",
-        ],
-    )
+    mangle_output(lab, "-j", "CONNMARK", "--set-xmark", "0x4000/0x4000")
     start(lab, write_config(lab, ["ok.test"]))
     enable_ct_accounting(lab)
     sport = free_port()
@@ -315,22 +307,7 @@ def test_live_connections_survive_reload_and_restart(lab: Lab) -> None:
 def test_a_foreign_rule_writing_egressds_mark_bits_stops_the_start_closed(lab: Lab) -> None:
     lab.dns.set(BASIC)
     # Another tool that keeps its own ids in the same conntrack mark bits.
-    lab.netns_exec(
-        "host",
-        [
-            "iptables",
-            "-t",
-            "mangle",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "udp",
-            "-j",
-            "CONNMARK",
-            "--set-xmark",
-            "0x1000000/0xff000000",
-        ],
-    )
+    mangle_output(lab, "-p", "udp", "-j", "CONNMARK", "--set-xmark", "0x1000000/0xff000000")
     config = write_config(lab, ["ok.test"])
     d = lab.start_daemon(["run", "--config", str(config), "--log", "json"])
     assert d.wait(20) == 1

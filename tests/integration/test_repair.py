@@ -13,50 +13,24 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
-from lab import INET_V4, REPO_ROOT, Daemon, Lab, poll
+from lab import REPO_ROOT, Daemon, Lab, poll
+from test_egressd import events, write_config
+from test_egressd import start as start_daemon
 
 pytestmark = pytest.mark.netns
 
 AGENT = 64123
-PORT = 153
 PROBE_V4 = "203.0.113.77"  # never resolved: only a missing rule lets the agent reach it
 PROBE_V6 = "2001:db8:113::77"
 WINDOW = 1.0  # seconds: what issue 5 allows
 
 
-def write_config(lab: Lab) -> Path:
-    allowlist = lab.tmpdir / "allow.txt"
-    allowlist.write_text("ok.test\n", encoding="utf-8")
-    path = lab.tmpdir / "egressd.toml"
-    path.write_text(
-        f"""
-[daemon]
-upstreams = ["{INET_V4}"]
-upstream_timeout = 1.0
-verify_interval = 30.0
-
-[profiles.agent]
-users = [{AGENT}]
-allowlists = ["{allowlist.name}"]
-port = {PORT}
-""",
-        encoding="utf-8",
-    )
-    return path
-
-
 def start(lab: Lab, env: dict[str, str] | None = None) -> Daemon:
-    d = lab.start_daemon(["run", "--config", str(write_config(lab)), "--log", "json"], env=env)
-    d.wait_ready()
-    return d
-
-
-def events(d: Daemon, event: str) -> list[dict[str, Any]]:
-    return [e for e in d.stderr_json() if e.get("event") == event]
+    # verify_interval 30 s: only the change events can make a repair fast.
+    return start_daemon(lab, write_config(lab, ["ok.test"], verify_interval=30.0), env=env)
 
 
 class Probe:

@@ -18,13 +18,13 @@ from typing import Any
 
 import pytest
 from lab import AGENT_PYTHON, AGENT_SOURCE, INET_V4, ROGUE_V4, Daemon, Lab, LabError
+from test_egressd import start, write_config
 
 pytestmark = pytest.mark.netns
 
 AGENT, AGENT_NAME, AGENT_SUB = 64123, "egdagent", (200000, 65536)
 CONTROL, CONTROL_NAME, CONTROL_SUB = 64999, "egdcontrol", (300000, 65536)
 INNER = 1000  # the uid switched to inside the user namespace
-PORT = 153
 RECORDS = {"ok.test.": [["A", "203.0.113.10", 300]]}
 AGENT_DST, AGENT_DST6 = "203.0.113.77", "2001:db8:113::77"
 CONTROL_DST, CONTROL_DST6 = "203.0.113.66", "2001:db8:113::66"
@@ -112,26 +112,8 @@ def count_owner(lab: Lab, uid: int) -> None:
 
 
 def start_egressd(lab: Lab) -> tuple[Daemon, Path]:
-    allowlist = lab.tmpdir / "allow.txt"
-    allowlist.write_text("ok.test\n", encoding="utf-8")
-    config = lab.tmpdir / "egressd.toml"
-    config.write_text(
-        f"""
-[daemon]
-upstreams = ["{INET_V4}"]
-upstream_timeout = 1.0
-verify_interval = 1.0
-
-[profiles.agent]
-users = ["{AGENT_NAME}"]
-allowlists = ["{allowlist.name}"]
-port = {PORT}
-""",
-        encoding="utf-8",
-    )
-    d = lab.start_daemon(["run", "--config", str(config), "--log", "json"])
-    d.wait_ready()
-    return d, config
+    config = write_config(lab, ["ok.test"], users=(AGENT_NAME,))
+    return start(lab, config), config
 
 
 @pytest.fixture
