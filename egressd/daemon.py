@@ -48,7 +48,10 @@ RESTRICTED_FILE = "restricted"
 STOP_GRACE = 2.0  # seconds in-flight queries get to finish on SIGTERM
 PRUNE_INTERVAL = 60.0
 STATUS_INTERVAL = 10.0
-TICK = 1.0  # housekeeping period; also the rules poll period when there are no events
+TICK = 1.0  # housekeeping period
+# The rules' poll period where iptables sends no change events (the legacy backend): a
+# flush is found within POLL and repaired within about POLL + one re-apply, under 1 s.
+POLL = 0.5
 # After an nf_tables event, wait this long before verifying so that one verify covers the
 # whole burst (`nft flush ruleset`, a tool restoring its rules, egressd's own apply).
 DEBOUNCE = 0.05
@@ -242,7 +245,7 @@ class Daemon:
             f"{s.queries} queries, {s.blocked} blocked, {s.refused} refused, "
             f"{s.malformed} malformed, {s.servfail_upstream + s.servfail_grant} servfail, "
             f"{s.repairs} repairs; rules checked "
-            + ("on nf_tables events" if self.watch.active else f"every {TICK:g} s")
+            + ("on nf_tables events" if self.watch.active else f"every {POLL:g} s")
         )
 
     # --- listeners -------------------------------------------------------------------------
@@ -347,7 +350,7 @@ class Daemon:
         """Prune the ledger and check (and repair) the firewall state now and then.
 
         The rules are verified after every nf_tables change event (debounced), or every
-        TICK where there are no events; everything, sets included, every verify_interval.
+        POLL where there are no events; everything, sets included, every verify_interval.
         """
         assert self.ref is not None
         last_verify = last_prune = last_status = last_tick = time.monotonic()
@@ -365,7 +368,8 @@ class Daemon:
                         async with self._apply_lock:
                             await self._verify(sets=False, since=since)
                 now = time.monotonic()
-                if now - last_tick >= TICK:
+                tick = TICK if self.watch.active else POLL
+                if now - last_tick >= tick:
                     last_tick = now
                     self.blocklog.flush()
                     self.stats.blocked_unlogged = self.blocklog.unlogged_total
@@ -385,7 +389,8 @@ class Daemon:
                             await self._verify(sets=False)  # no events here: poll the rules
             except Exception as err:  # noqa: BLE001 - keep maintaining; say what went wrong
                 self.report(Error("maintenance", f"{type(err).__name__}: {err}"))
-            changed = await self._ruleset_changed(last_tick + TICK - time.monotonic())
+            tick = TICK if self.watch.active else POLL
+            changed = await self._ruleset_changed(last_tick + tick - time.monotonic())
 
     async def _ruleset_changed(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for an nf_tables change event."""
