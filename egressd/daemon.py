@@ -96,6 +96,7 @@ class Daemon:
         self.ledger = Ledger()
         self.local = LocalAddresses()  # the host's own addresses, for the rebinding guard
         self._local_error = ""
+        self._clashes_said: list[str] = []
         self.listeners: dict[int, Listener] = {}
         self.ref: PolicyRef | None = None
         self.pipeline: Pipeline | None = None
@@ -433,3 +434,29 @@ class Daemon:
                 # A re-created set is empty: grants must be written again.
                 self.ledger.forget()
             self.report(Repaired("; ".join(problems), round(window * 1000)))
+        if sets:
+            await self._recheck_marks()
+
+    async def _recheck_marks(self) -> None:
+        """A rule writing egressd's ctmark bits may come after the start: say so, once.
+
+        Not a stop: the running rules still hold against everything but that rule, and
+        stopping would not remove it. The journal names it and how to fix it.
+        """
+        assert self.ref is not None
+        try:
+            clashes = await self.firewall.mark_clashes(self.ref.policy)
+        except FirewallError as err:
+            self.report(Error("conntrack marks", str(err)))
+            return
+        if clashes and clashes != self._clashes_said:
+            mask = self.ref.policy.config.daemon.ct_mask
+            self.report(
+                Error(
+                    "conntrack marks",
+                    f"another rule now writes the conntrack mark bits {mask:#010x} egressd "
+                    f"relies on: {'; '.join(clashes)}. Remove it, or set daemon.ct_mask to "
+                    "bits nobody else writes and reload",
+                )
+            )
+        self._clashes_said = clashes

@@ -448,3 +448,18 @@ def test_live_flows_are_capped(lab: Lab) -> None:
     through = flood(lab, AGENT, 100)  # each datagram a new flow that lives on for 30 s
     assert 20 <= through <= 30, through
     assert flood(lab, OTHER, 100) >= 95  # positive twin: no cap for an unrestricted user
+
+
+def test_a_mark_writer_added_later_is_reported(lab: Lab) -> None:
+    lab.dns.set(BASIC)
+    d = start(lab, write_config(lab, ["ok.test"], verify_interval=1.0))
+    time.sleep(1.5)
+    assert not [e for e in events(d, "Error") if "conntrack mark" in e.get("message", "")]
+    mangle_output(lab, "-j", "CONNMARK", "--set-xmark", "0x2000000/0xff000000")
+    said = poll(
+        lambda: [e for e in events(d, "Error") if "now writes the conntrack mark" in e["message"]],
+        10,
+    )
+    assert said and "--set-xmark 0x2000000/0xff000000" in said[0]["message"], said
+    time.sleep(2.5)  # said once, not every verify
+    assert len([e for e in events(d, "Error") if "now writes" in e["message"]]) == 1
