@@ -7,6 +7,10 @@ Grammar (one pattern per line, ``#`` starts a comment, blank lines ignored):
   ``**.example.com``   example.com and every name below it
   ``!<pattern>``       deny: a name that matches any deny rule is blocked, even if an
                        allow rule matches too (deny beats allow)
+  ``<pattern> ports=443,8443``
+                       the addresses this name resolves to are reachable on those ports
+                       only (TCP and UDP); without ``ports=`` the profile's ``ports``
+                       apply (none: every port)
 
 Matching is case-insensitive, ignores one trailing dot and works on the IDNA (punycode)
 form. Names are compared as tuples of wire-format labels, never as text, so a label that
@@ -46,9 +50,20 @@ class Rule:
     scope: Scope
     deny: bool
     source: str  # "file:line" (or "--allow" / "config:allow" for inline rules)
+    ports: tuple[int, ...] | None = None  # None: the profile's ports
 
     def __str__(self) -> str:
         return f"{self.pattern} ({self.source})"
+
+
+def _ports(text: str, value: str) -> tuple[int, ...]:
+    ports: set[int] = set()
+    for item in value.split(","):
+        item = item.strip()
+        if not (item.isascii() and item.isdigit()) or not 0 < int(item) < 65536:
+            raise ConfigError(f"{text.strip()!r}: {item!r} is not a port (1..65535)")
+        ports.add(int(item))
+    return tuple(sorted(ports))
 
 
 def labels_of(name: dns.name.Name) -> Labels:
@@ -61,9 +76,20 @@ def labels_of(name: dns.name.Name) -> Labels:
 
 def parse_pattern(text: str, source: str) -> Rule:
     """Parse one pattern; raise ConfigError (naming ``source``) when it is not valid."""
-    raw = text.strip()
-    deny = raw.startswith("!")
-    body = raw[1:].strip() if deny else raw
+    stripped = text.strip()
+    deny = stripped.startswith("!")
+    raw, *options = (stripped[1:] if deny else stripped).split() or [""]
+    ports: tuple[int, ...] | None = None
+    for option in options:
+        key, sep, value = option.partition("=")
+        if key != "ports" or not sep or ports is not None:
+            raise ConfigError(
+                f"{text.strip()!r}: {option!r} is not an option here (one 'ports=443,8443')"
+            )
+        ports = _ports(text, value)
+    if deny and ports is not None:
+        raise ConfigError(f"{text.strip()!r}: a deny line takes no ports (it denies the name)")
+    body = raw
     if body.startswith("**."):
         scope, host = Scope.SUBTREE, body[3:]
     elif body.startswith("*."):
@@ -117,6 +143,7 @@ def parse_pattern(text: str, source: str) -> Rule:
         scope=scope,
         deny=deny,
         source=source,
+        ports=ports,
     )
 
 

@@ -2,9 +2,13 @@
 
 An agent probing thousands of names (or exfiltrating through them) would otherwise write a
 record per query; journald's own rate limit would then drop egressd's other records too.
-Events marked ``PER_QUERY`` pass through a token bucket (default 50/s, bursts of 200); what
-does not fit is counted (by event type) and summarised once per flush as one ``Unlogged``
-record. Every other event passes straight through. Time is injected, so this is testable.
+Events marked ``PER_QUERY`` pass through a token bucket per profile (default 50/s, bursts
+of 200 each), so one profile's flood never uses up another profile's budget and hides its
+records; what does not fit is counted (by profile and event type) and summarised once per
+flush as one ``Unlogged`` record. Every other event passes straight through. journald's own
+per-unit rate limit is off in egressd.service (``LogRateLimitIntervalSec=0``): these budgets
+decide, and a profile's flood cannot make journald drop egressd's other records. Time is
+injected, so this is testable.
 """
 
 from __future__ import annotations
@@ -12,8 +16,15 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from .events import Event, Unlogged
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    last: float
 
 
 class BlockLog:
@@ -29,9 +40,11 @@ class BlockLog:
         self.rate = rate
         self.burst = burst
         self.clock = clock
-        self._tokens = burst
-        self._last = clock()
-        self._unlogged: Counter[str] = Counter()  # since the last flush
+        # One bucket per profile, made full on the profile's first per-query record. The
+        # profiles are the configured ones (events never carry a name the agent chose),
+        # so this stays small.
+        self._buckets: dict[str, _Bucket] = {}
+        self._unlogged: Counter[tuple[str, str]] = Counter()  # since the last flush
         self.unlogged_total = 0
 
     @property
@@ -40,19 +53,27 @@ class BlockLog:
 
     def __call__(self, event: Event) -> None:
         if event.PER_QUERY:
+            profile = str(getattr(event, "profile", ""))
             now = self.clock()
-            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-            self._last = now
-            if self._tokens < 1.0:
-                self._unlogged[type(event).__name__] += 1
+            b = self._buckets.get(profile)
+            if b is None:
+                b = self._buckets[profile] = _Bucket(self.burst, now)
+            b.tokens = min(self.burst, b.tokens + (now - b.last) * self.rate)
+            b.last = now
+            if b.tokens < 1.0:
+                self._unlogged[(profile, type(event).__name__)] += 1
                 self.unlogged_total += 1
                 return
-            self._tokens -= 1.0
+            b.tokens -= 1.0
         self.report(event)
 
     def flush(self) -> None:
-        """Report how many per-query records went unlogged since the last flush."""
+        """Report how many per-query records went unlogged since the last flush.
+
+        One record for all profiles, each kind prefixed with its profile
+        ("agent:QueryBlocked=950,build:QueryRefused=3").
+        """
         if self._unlogged:
-            kinds = ",".join(f"{k}={n}" for k, n in sorted(self._unlogged.items()))
+            kinds = ",".join(f"{p}:{k}={n}" for (p, k), n in sorted(self._unlogged.items()))
             self.report(Unlogged(self.unlogged, kinds))
             self._unlogged.clear()

@@ -26,6 +26,7 @@ class Entry:
     addresses: tuple[tuple[str, int, int], ...]  # (ip, family, ttl at store time)
     stored: float
     ttl: int  # seconds the entry lives
+    chain: tuple[Labels, ...] = ()  # the CNAME targets (the ledger keeps them per reason)
 
 
 @dataclass(frozen=True, slots=True)

@@ -116,6 +116,21 @@ class Profile:
     def set6(self) -> str:
         return f"egressd-{self.name}-v6"
 
+    # Grants limited to ports (a line's `ports=`, or the profile's `ports`): hash:ip,port
+    # sets, one entry per address, protocol and port.
+    @property
+    def pset4(self) -> str:
+        return f"egressd-{self.name}-p4"
+
+    @property
+    def pset6(self) -> str:
+        return f"egressd-{self.name}-p6"
+
+    def set_for(self, family: int, ports: bool) -> str:
+        if ports:
+            return self.pset4 if family == 4 else self.pset6
+        return self.set4 if family == 4 else self.set6
+
 
 @dataclass(frozen=True, slots=True)
 class Config:

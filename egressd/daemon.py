@@ -26,6 +26,7 @@ from .events import (
     Reloaded,
     ReloadFailed,
     Repaired,
+    Revoked,
     RulesInstalled,
     Started,
     Stopping,
@@ -129,8 +130,8 @@ class Daemon:
             return 1
         self._save_restricted(policy)
         now = time.monotonic()
-        for set_name, entries in found.items():
-            self.ledger.load(set_name, entries, now)
+        for entries in found.values():
+            self.ledger.load(entries, now)
         self._installed(policy)
 
         self.ref = PolicyRef(policy)
@@ -267,6 +268,7 @@ class Daemon:
                     tcp_idle_timeout=d.tcp_idle_timeout,
                     tcp_max_connections=d.tcp_max_connections,
                     ipv6=ipv6_available(),
+                    quick=self.pipeline.quick,  # blocked UDP queries without dnspython
                 )
                 await lst.start()
                 self.listeners[port] = lst
@@ -314,15 +316,18 @@ class Daemon:
                     await self.firewall.install(old)  # undo a half-applied family
                 return False
             now = time.monotonic()
-            for set_name, entries in found.items():
-                self.ledger.load(set_name, entries, now)
+            for entries in found.values():
+                self.ledger.load(entries, now)
             self._save_restricted(new)
-            # The swap: queries from here on see the new policy.
+            # The swap: queries from here on see the new policy; answers of the old one
+            # still in flight are decided again (the generation).
             self.ref.policy = new
+            self.ref.generation += 1
             self.pipeline.resolver = resolver
             self.pipeline.cache.clear()  # cached chains were checked against the old rules
             self.pipeline.cache.capacity = config.daemon.cache_entries
             await self._refresh_local()
+            await self._revoke(new)
             for port in stale:
                 await self.listeners.pop(port).close(grace=STOP_GRACE)
             self.stats.reloads += 1
@@ -331,6 +336,27 @@ class Daemon:
             return True
         finally:
             sdnotify.ready(self._status())
+
+    async def _revoke(self, policy: Policy) -> None:
+        """Make the sets match the new policy: what it still justifies stays, what only
+        names it no longer allows justified goes (additions first: never a gap)."""
+        assert self.pipeline is not None
+        # Kernel writes of the old generation finish first, so the ledger knows them all.
+        deadline = time.monotonic() + 5.0
+        while self.pipeline.granting and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        live = {name for p in policy.config.profiles for name in (p.set4, p.set6, p.pset4, p.pset6)}
+        adds, removes = self.ledger.reconcile(self.pipeline.judge, live, time.monotonic())
+        try:
+            await self.firewall.allow(adds)
+            await self.firewall.revoke(removes)
+        except FirewallError as err:
+            self.report(Error("revoke", str(err)))
+            return
+        self.stats.revoked += len(removes)
+        if adds or removes:
+            shown = sorted({w.ip if not w.port else f"{w.ip}:{w.port}" for w in removes})
+            self.report(Revoked(len(removes), len(adds), tuple(shown[:20])))
 
     def _reload_failed(self, old: Policy, err: Exception) -> None:
         self.stats.reload_failures += 1

@@ -60,7 +60,7 @@ class Unlogged(Event):
     MESSAGE_ID: ClassVar[str] = "9e1d2c3b4a5f4e6d8c7b6a5f4e3d2c1b"
     PRIORITY: ClassVar[int] = 4
     count: int
-    events: str  # e.g. "QueryBlocked=950,UpstreamFailed=3"
+    events: str  # per profile, e.g. "agent:QueryBlocked=950,build:UpstreamFailed=3"
 
     def message(self) -> str:
         return f"{self.count} more per-query records were not logged one by one ({self.events})"
@@ -177,6 +177,20 @@ class ReloadFailed(Event):
 
     def message(self) -> str:
         return f"reload failed, keeping the running policy: {self.error}"
+
+
+@dataclass(frozen=True, slots=True)
+class Revoked(Event):
+    """A reload took back set entries only names it no longer allows had justified."""
+
+    MESSAGE_ID: ClassVar[str] = "4b7e1f0c2d9a4e38b6c5a1d2e3f40516"
+    removed: int
+    added: int  # entries a line's new ports= justify
+    addresses: tuple[str, ...]  # the first 20 removed, ip or ip:port
+
+    def message(self) -> str:
+        shown = ", ".join(self.addresses) or "none"
+        return f"reload took back {self.removed} set entries ({shown}) and added {self.added}"
 
 
 @dataclass(frozen=True, slots=True)

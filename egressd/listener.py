@@ -1,7 +1,16 @@
 """UDP and TCP DNS listeners on 127.0.0.1 and ::1, one port per profile.
 
 Thin asyncio adapters around ``Pipeline.handle``: they bound the queries in flight, cap
-TCP connections and close idle ones, and never let one bad message end a listener.
+TCP connections and never let one bad message end a listener. The agent must not be able
+to take its own resolver away (docs/design.md, "Listener defences"):
+
+- TCP: when a listener is full, a new connection closes the oldest idle one (no query in
+  progress); one timer per message (trickling does not renew it), a whole-connection
+  deadline, and a bounded write, so no client pins a slot.
+- UDP: a blocked query is answered by ``Pipeline.quick`` without dnspython; any other
+  query runs in the read callback until it has to wait, and only then becomes a task.
+  asyncio reads one datagram per readable socket per loop turn: each profile's listener
+  is served in turn, and a flood fills (and overflows) only its own socket's queue.
 """
 
 from __future__ import annotations
@@ -11,7 +20,9 @@ import contextlib
 import errno
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Generator
+from dataclasses import dataclass
+from typing import Any
 
 import dns.message
 
@@ -19,8 +30,22 @@ from . import replies
 from .stats import Stats
 
 Handler = Callable[[bytes, int, str], Awaitable[dns.message.Message | None]]
+# The cheap blocked path (Pipeline.quick): the reply's bytes, or None for the handler.
+Quick = Callable[[bytes, int, str], bytes | None]
 
 MAX_TCP_MESSAGE = 65535
+# The whole-connection deadline: a TCP client gets this long in all, however it paces its
+# bytes; then the connection is closed after the reply in progress (if any). Generous for
+# a stub resolver that reuses one connection for a burst of lookups.
+TCP_LIFETIME = 30.0
+
+
+@dataclass(eq=False, slots=True)
+class _Conn:
+    """One accepted TCP connection (identity-hashed: a key of the listener's table)."""
+
+    writer: asyncio.StreamWriter
+    busy: bool = False
 
 
 class _UDP(asyncio.DatagramProtocol):
@@ -35,13 +60,28 @@ class _UDP(asyncio.DatagramProtocol):
         self, data: bytes, addr: tuple[str, int] | tuple[str, int, int, int]
     ) -> None:
         lst = self.listener
+        client = f"udp:{addr[0]}:{addr[1]}"
+        if lst.quick is not None:
+            # First, and even when the queries in flight are at their bound: a blocked
+            # query costs a few microseconds here and never waits.
+            try:
+                wire = lst.quick(data, lst.port, client)
+            except Exception:  # noqa: BLE001 - a bug there: the full path answers instead
+                lst.stats.internal_errors += 1
+                wire = None
+            if wire is not None:
+                if self.transport is not None and not self.transport.is_closing():
+                    self.transport.sendto(wire, addr)  # a blocked reply: always under 512
+                return
         if lst.inflight >= lst.max_inflight:
             lst.stats.dropped_busy += 1  # the client retries; better than queueing forever
             return
-        lst.spawn(self._answer(data, addr))
+        lst.run(self._answer(data, addr, client))
 
-    async def _answer(self, data: bytes, addr: tuple[str, int] | tuple[str, int, int, int]) -> None:
-        reply = await self.listener.handler(data, self.listener.port, f"udp:{addr[0]}:{addr[1]}")
+    async def _answer(
+        self, data: bytes, addr: tuple[str, int] | tuple[str, int, int, int], client: str
+    ) -> None:
+        reply = await self.listener.handler(data, self.listener.port, client)
         if reply is None or self.transport is None or self.transport.is_closing():
             return
         self.transport.sendto(replies.to_wire(reply, replies.udp_limit(reply)), addr)
@@ -49,6 +89,39 @@ class _UDP(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         # ICMP errors for replies to vanished clients: nothing to do.
         pass
+
+
+class _Resumed:
+    """Awaits a query coroutine that was started outside a task and stopped at `waiting`.
+
+    Drives it exactly as a task would have: hands the task the future it stopped at,
+    and when the task comes back (the future is done) sends it on, until it returns.
+    An exception thrown in (a cancellation) is passed on to the coroutine.
+    """
+
+    def __init__(self, coro: Coroutine[Any, Any, None], waiting: object) -> None:
+        self.coro = coro
+        self.waiting = waiting
+
+    def __await__(self) -> Generator[Any, None, None]:
+        waiting = self.waiting
+        while True:
+            try:
+                yield waiting
+            except BaseException as exc:  # noqa: BLE001 - the coroutine's to handle
+                try:
+                    waiting = self.coro.throw(exc)
+                except StopIteration:
+                    return
+                continue
+            try:
+                waiting = self.coro.send(None)
+            except StopIteration:
+                return
+
+
+async def _resume(coro: Coroutine[Any, Any, None], waiting: object) -> None:
+    await _Resumed(coro, waiting)
 
 
 class Listener:
@@ -63,17 +136,24 @@ class Listener:
         max_inflight: int,
         tcp_idle_timeout: float,
         tcp_max_connections: int,
+        tcp_lifetime: float = TCP_LIFETIME,
         ipv6: bool = True,
+        quick: Quick | None = None,
     ) -> None:
         self.port = port
         self.handler = handler
+        self.quick = quick
         self.stats = stats
         self.max_inflight = max_inflight
         self.tcp_idle_timeout = tcp_idle_timeout
         self.tcp_max_connections = tcp_max_connections
+        self.tcp_lifetime = tcp_lifetime
         self.ipv6 = ipv6
         self.inflight = 0
-        self.tcp_connections = 0
+        # Open TCP connections, oldest first (a dict keeps insertion order).
+        self._conns: dict[_Conn, None] = {}
+        self.tcp_evicted = 0  # idle connections closed to make room for a new one
+        self.tcp_refused = 0  # new connections refused: every slot had a query in progress
         self._tasks: set[asyncio.Task[None]] = set()
         self._udp: list[asyncio.DatagramTransport] = []
         self._tcp: list[asyncio.Server] = []
@@ -84,6 +164,27 @@ class Listener:
         if self.ipv6:
             out.append(f"[::1]:{self.port}")
         return out
+
+    @property
+    def tcp_connections(self) -> int:
+        return len(self._conns)
+
+    def run(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a query's coroutine now, in this callback; a task only if it has to wait.
+
+        A blocked, refused or cached answer never waits, and most of a flood is such
+        answers: answering them here saves a task and a trip through the event loop's
+        queue each, and keeps the ready queue short for the queries that do wait.
+        (asyncio's eager task factory of Python 3.12 does the same.)
+        """
+        try:
+            waiting = coro.send(None)
+        except StopIteration:
+            return  # answered without waiting
+        except Exception:  # noqa: BLE001 - as in _done: a bug costs one answer
+            self.stats.malformed += 1
+            return
+        self.spawn(_resume(coro, waiting))
 
     def spawn(self, coro: Awaitable[None]) -> None:
         self.inflight += 1
@@ -134,18 +235,28 @@ class Listener:
             raise
 
     async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.tcp_connections >= self.tcp_max_connections:
-            writer.close()
+        if len(self._conns) >= self.tcp_max_connections and not self._evict_idle():
+            # Every slot has a query in progress: refuse the newcomer, keep the working ones.
+            self.tcp_refused += 1
+            writer.transport.abort()
             return
-        self.tcp_connections += 1
+        conn = _Conn(writer)
+        self._conns[conn] = None
         peer = writer.get_extra_info("peername") or ("?", 0)
+        loop = asyncio.get_running_loop()
+        # The whole-connection deadline: however the client paces its bytes (one every
+        # idle_timeout - 1 s keeps the idle timer happy forever), its slot ends here.
+        deadline = loop.time() + self.tcp_lifetime
         try:
-            while True:
+            while loop.time() < deadline:
                 # Several messages may come on one connection; each is answered in turn.
-                async with asyncio.timeout(self.tcp_idle_timeout):
+                # Header and body share one timer, so a message trickled a byte at a time
+                # does not get a fresh timeout per read.
+                async with asyncio.timeout_at(min(loop.time() + self.tcp_idle_timeout, deadline)):
                     header = await reader.readexactly(2)
                     (length,) = struct.unpack("!H", header)
                     data = await reader.readexactly(length)
+                conn.busy = True  # not evicted while its query is being answered
                 self.inflight += 1
                 try:
                     reply = await self.handler(data, self.port, f"tcp:{peer[0]}:{peer[1]}")
@@ -154,15 +265,34 @@ class Listener:
                 if reply is None:
                     break  # malformed: drop the connection
                 wire = replies.to_wire(reply)
-                writer.write(struct.pack("!H", len(wire)) + wire)
-                await writer.drain()
+                # A client that does not read its replies must not pin a busy slot either.
+                async with asyncio.timeout(self.tcp_idle_timeout):
+                    writer.write(struct.pack("!H", len(wire)) + wire)
+                    await writer.drain()
+                conn.busy = False
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         finally:
-            self.tcp_connections -= 1
+            self._conns.pop(conn, None)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    def _evict_idle(self) -> bool:
+        """Close the oldest connection with no query in progress; False if all are busy.
+
+        As unbound does with a full TCP accept list: a newcomer is worth more than a slot
+        held open by a client that sends nothing (or trickles), so holding connections
+        cannot take the resolver away from the agent's next TCP query.
+        """
+        for conn in self._conns:  # insertion order: oldest first
+            if not conn.busy:
+                del self._conns[conn]
+                self.tcp_evicted += 1
+                # Its task wakes (EOF) and ends; the slot is free from now on.
+                conn.writer.transport.abort()
+                return True
+        return False
 
     async def close(self, grace: float = 0.0) -> None:
         for t in self._udp:

@@ -23,3 +23,5 @@ class Stats:
     repairs: int = 0
     reloads: int = 0
     reload_failures: int = 0
+    stale_answers: int = 0  # answers a reload overtook: decided again under the new policy
+    revoked: int = 0  # set entries a reload took back

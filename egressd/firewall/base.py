@@ -10,8 +10,8 @@ from typing import Protocol
 
 from ..ledger import Write
 
-# What install() found already granted in the kernel: set name -> [(ip, seconds left)].
-Found = Mapping[str, Sequence[tuple[str, int]]]
+# What install() found already granted in the kernel: set name -> entries (timeout = left).
+Found = Mapping[str, Sequence[Write]]
 
 
 class Firewall(Protocol):
@@ -25,6 +25,10 @@ class Firewall(Protocol):
 
     async def allow(self, writes: Sequence[Write]) -> None:
         """Put addresses into sets; returns only once the kernel has acknowledged them."""
+        ...
+
+    async def revoke(self, writes: Sequence[Write]) -> None:
+        """Take entries out of sets (a reload withdrew what justified them)."""
         ...
 
     async def verify(self, policy: object) -> list[str]:

@@ -22,9 +22,11 @@ from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST  # type: ignore[import-unt
 from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 from pyroute2.netlink.nfnetlink.ipset import (  # type: ignore[import-untyped]
     IPSET_CMD_ADD,
+    IPSET_CMD_DEL,
     ipset_msg,
 )
 
+from ..config import Profile
 from ..errors import FirewallError
 from ..ledger import Write
 from ..policy import Policy
@@ -38,6 +40,9 @@ RESIZE_SUFFIX = "-new"  # "egressd-" + 15-char profile + "-v4" + this = 30 <= 31
 # parameters (ipset refuses to "create" an existing set with other parameters).
 SET_TIMEOUT = 300
 IPSET_ERR_HASH_FULL = 4352  # IPSET_ERR_TYPE_SPECIFIC: the hash types use it for "set is full"
+IPSET_ERR_EXIST = 4103  # IPSET_ERR_PRIVATE + 7: deleting an entry that is not there
+IPSET_MAX_COMMENT = 255
+IPSET_FLAG_WITH_COMMENT = 1 << 4  # the set keeps a comment per entry (cadt flags)
 _ADDR_ATTR = {4: "IPSET_ATTR_IPADDR_IPV4", 6: "IPSET_ATTR_IPADDR_IPV6"}
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 _TOOLS = {4: ("iptables", "iptables-restore"), 6: ("ip6tables", "ip6tables-restore")}
@@ -56,6 +61,30 @@ async def _run(argv: Sequence[str], stdin: str | None = None) -> tuple[int, str,
     out, stderr = await proc.communicate(stdin.encode() if stdin is not None else None)
     assert proc.returncode is not None
     return proc.returncode, out.decode(errors="replace"), stderr.decode(errors="replace")
+
+
+def _sets_of(profile: Profile) -> list[tuple[int, str, str]]:
+    """(family, name, type) of a profile's sets: every port, and per port."""
+    return [
+        (4, profile.set4, "hash:ip"),
+        (6, profile.set6, "hash:ip"),
+        (4, profile.pset4, "hash:ip,port"),
+        (6, profile.pset6, "hash:ip,port"),
+    ]
+
+
+def _entry(w: Write, family: int, lineno: int) -> list[object]:
+    attrs: list[list[object]] = [
+        ["IPSET_ATTR_IP_FROM", {"attrs": [[_ADDR_ATTR[family], w.ip]]}],
+    ]
+    if w.proto:
+        attrs.append(["IPSET_ATTR_PORT_FROM", w.port])
+        attrs.append(["IPSET_ATTR_PROTO", w.proto])
+    attrs.append(["IPSET_ATTR_TIMEOUT", w.timeout])
+    if w.comment:
+        attrs.append(["IPSET_ATTR_COMMENT", w.comment[:IPSET_MAX_COMMENT]])
+    attrs.append(["IPSET_ATTR_CADT_LINENO", lineno])
+    return ["IPSET_ATTR_DATA", {"attrs": attrs}]
 
 
 def ipv6_available() -> bool:
@@ -99,43 +128,46 @@ class IptablesIpset:
 
     # --- sets ------------------------------------------------------------------------------
 
-    async def _ensure_set(self, name: str, family: int, maxelem: int) -> list[tuple[str, int]]:
+    async def _ensure_set(self, name: str, stype: str, family: int, maxelem: int) -> list[Write]:
         """Create the set, or take over the one a previous run left (and its grants)."""
-        found = await self._inspect(name)
+        found = await self._inspect(name, family)
         if found is None:
             try:
-                await self._create(name, family, maxelem)
+                await self._create(name, stype, family, maxelem)
             except NetlinkError as err:
                 raise FirewallError(f"ipset create {name} failed: {err}") from err
             return []
         header, entries = found
-        if header != ("hash:ip", _AF[family], header[2], True):
+        if header[:4] != (stype, _AF[family], header[2], True):
             raise FirewallError(
-                f"set {name} exists but is not a hash:ip set of IPv{family} with timeouts; "
+                f"set {name} exists but is not a {stype} set of IPv{family} with timeouts; "
                 "remove it (egressd uninstall) and start again"
             )
-        if header[2] != maxelem:
-            await self._resize(name, family, maxelem, entries)
+        # A set of an older egressd has no comments: re-created with them the same way.
+        if header[2] != maxelem or not header[4]:
+            await self._resize(name, stype, family, maxelem, entries)
         return entries
 
-    async def _create(self, name: str, family: int, maxelem: int) -> None:
+    async def _create(self, name: str, stype: str, family: int, maxelem: int) -> None:
         ipset = await self._sets()
         await ipset.create(
             name,
-            stype="hash:ip",
+            stype=stype,
             family=_AF[family],
             exclusive=True,
             maxelem=maxelem,
             timeout=SET_TIMEOUT,
+            comment=True,
         )
 
     async def _inspect(
-        self, name: str
-    ) -> tuple[tuple[str, int, int, bool], list[tuple[str, int]]] | None:
-        """(type, family, maxelem, has timeouts) and the (ip, seconds left) entries of a set."""
+        self, name: str, family: int
+    ) -> tuple[tuple[str, int, int, bool, bool], list[Write]] | None:
+        """(type, family, maxelem, has timeouts, has comments) and the entries (seconds
+        left) of a set."""
         ipset = await self._sets()
-        header: tuple[str, int, int, bool] | None = None
-        entries: list[tuple[str, int]] = []
+        header: tuple[str, int, int, bool, bool] | None = None
+        entries: list[Write] = []
         try:
             async for msg in await ipset.list(name=name):
                 data = msg.get_attr("IPSET_ATTR_DATA")
@@ -145,6 +177,9 @@ class IptablesIpset:
                         msg.get_attr("IPSET_ATTR_FAMILY"),
                         data.get_attr("IPSET_ATTR_MAXELEM"),
                         data.get_attr("IPSET_ATTR_TIMEOUT") is not None,
+                        bool(
+                            (data.get_attr("IPSET_ATTR_CADT_FLAGS") or 0) & IPSET_FLAG_WITH_COMMENT
+                        ),
                     )
                 adt = msg.get_attr("IPSET_ATTR_ADT")
                 for entry in adt.get_attrs("IPSET_ATTR_DATA") if adt else ():
@@ -152,7 +187,11 @@ class IptablesIpset:
                     ip = ip_attr.get_attr("IPSET_ATTR_IPADDR_IPV4") or ip_attr.get_attr(
                         "IPSET_ATTR_IPADDR_IPV6"
                     )
-                    entries.append((ip, int(entry.get_attr("IPSET_ATTR_TIMEOUT") or 0)))
+                    left = int(entry.get_attr("IPSET_ATTR_TIMEOUT") or 0)
+                    proto = entry.get_attr("IPSET_ATTR_PROTO") or 0
+                    port = entry.get_attr("IPSET_ATTR_PORT_FROM") or 0
+                    comment = entry.get_attr("IPSET_ATTR_COMMENT") or ""
+                    entries.append(Write(name, family, ip, left, proto, port, comment))
         except NetlinkError as err:
             if err.code == errno.ENOENT:
                 return None
@@ -162,7 +201,7 @@ class IptablesIpset:
         return header, entries
 
     async def _resize(
-        self, name: str, family: int, maxelem: int, entries: list[tuple[str, int]]
+        self, name: str, stype: str, family: int, maxelem: int, entries: list[Write]
     ) -> None:
         """ipset cannot change maxelem in place: fill a new set, swap it in, drop the old.
 
@@ -178,8 +217,13 @@ class IptablesIpset:
         with contextlib.suppress(NetlinkError):
             await ipset.destroy(tmp)  # left over from an interrupted resize
         try:
-            await self._create(tmp, family, maxelem)
-            await self.allow([Write(tmp, family, ip, max(left, 1)) for ip, left in entries])
+            await self._create(tmp, stype, family, maxelem)
+            await self.allow(
+                [
+                    Write(tmp, family, w.ip, max(w.timeout, 1), w.proto, w.port, w.comment)
+                    for w in entries
+                ]
+            )
             await ipset.swap(tmp, name)
             await ipset.destroy(tmp)
         except NetlinkError as err:
@@ -201,8 +245,16 @@ class IptablesIpset:
         """Write all addresses of one answer with one netlink message per set.
 
         The kernel's ipset ADD takes a list of entries (IPSET_ATTR_ADT), as `ipset restore`
-        uses; one round trip per set instead of one per address.
+        uses; one round trip per set instead of one per address. No NLM_F_EXCL: an
+        existing entry gets the new timeout (ipset's -exist).
         """
+        await self._adt(IPSET_CMD_ADD, writes, "add")
+
+    async def revoke(self, writes: Sequence[Write]) -> None:
+        """Remove entries (their timeouts are ignored); entries already gone are fine."""
+        await self._adt(IPSET_CMD_DEL, writes, "del")
+
+    async def _adt(self, cmd: int, writes: Sequence[Write], verb: str) -> None:
         if not writes:
             return
         by_set: dict[tuple[str, int], list[Write]] = defaultdict(list)
@@ -215,44 +267,26 @@ class IptablesIpset:
                 ["IPSET_ATTR_PROTOCOL", ipset._proto_version],
                 ["IPSET_ATTR_SETNAME", name],
                 ["IPSET_ATTR_LINENO", 0],  # the kernel requires it with a list of entries
-                [
-                    "IPSET_ATTR_ADT",
-                    {
-                        "attrs": [
-                            [
-                                "IPSET_ATTR_DATA",
-                                {
-                                    "attrs": [
-                                        [
-                                            "IPSET_ATTR_IP_FROM",
-                                            {"attrs": [[_ADDR_ATTR[family], w.ip]]},
-                                        ],
-                                        ["IPSET_ATTR_TIMEOUT", w.timeout],
-                                        ["IPSET_ATTR_CADT_LINENO", i],
-                                    ]
-                                },
-                            ]
-                            for i, w in enumerate(ws)
-                        ]
-                    },
-                ],
+                ["IPSET_ATTR_ADT", {"attrs": [_entry(w, family, i) for i, w in enumerate(ws)]}],
             ]
             try:
-                # No NLM_F_EXCL: an existing entry gets the new timeout (ipset's -exist).
                 await ipset.request(
-                    msg,
-                    IPSET_CMD_ADD,
-                    msg_flags=NLM_F_REQUEST | NLM_F_ACK,
-                    terminate=_nlmsg_error,
+                    msg, cmd, msg_flags=NLM_F_REQUEST | NLM_F_ACK, terminate=_nlmsg_error
                 )
             except NetlinkError as err:
+                if cmd == IPSET_CMD_DEL and err.code == IPSET_ERR_EXIST:
+                    # Already expired (or one of the list was): delete the rest one by one.
+                    if len(ws) > 1:
+                        for w in ws:
+                            await self._adt(cmd, [w], verb)
+                    continue
                 detail = "set is full (maxelem)" if err.code == IPSET_ERR_HASH_FULL else str(err)
                 shown = ", ".join(w.ip for w in ws[:4]) + (
                     f" and {len(ws) - 4} more" if len(ws) > 4 else ""
                 )
-                raise FirewallError(f"ipset add {shown} to {name} failed: {detail}") from err
+                raise FirewallError(f"ipset {verb} {shown} to {name} failed: {detail}") from err
             except OSError as err:
-                raise FirewallError(f"ipset add to {name} failed: {err}") from err
+                raise FirewallError(f"ipset {verb} to {name} failed: {err}") from err
 
     # --- rules -----------------------------------------------------------------------------
 
@@ -374,11 +408,11 @@ class IptablesIpset:
         assert isinstance(policy, Policy)
         g = policy.config.grants
         async with self._lock:
-            found: dict[str, list[tuple[str, int]]] = {}
+            found: dict[str, list[Write]] = {}
             # Sets first: the rules reference them.
             for p in policy.config.profiles:
-                for family, name in ((4, p.set4), (6, p.set6)):
-                    found[name] = await self._ensure_set(name, family, g.maxelem)
+                for family, name, stype in _sets_of(p):
+                    found[name] = await self._ensure_set(name, stype, family, g.maxelem)
             await self._lock_unguarded(policy)
             for family in self.families:
                 await self._apply(policy, family)
@@ -412,7 +446,7 @@ class IptablesIpset:
                 # caller must then write the grants again (a flushed chain lets a set go).
                 present = set(await self._set_names())
                 for p in policy.config.profiles:
-                    for name in (p.set4, p.set6):
+                    for _, name, _ in _sets_of(p):
                         if name not in present:
                             problems.insert(0, f"set {name} missing")
         if problems:

@@ -25,7 +25,6 @@ CHAIN_PREFIX = "EGRESSD-"
 JUMPS = (("filter", FILTER_CHAIN), ("nat", NAT_CHAIN))
 
 LOG_LIMIT = "--limit 10/second --limit-burst 20"
-MULTIPORT_MAX = 15  # the multiport match takes at most 15 ports per rule
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +36,9 @@ class Family:
     def set_of(self, profile: Profile) -> str:
         return profile.set4 if self.version == 4 else profile.set6
 
+    def pset_of(self, profile: Profile) -> str:
+        return profile.pset4 if self.version == 4 else profile.pset6
+
 
 V4 = Family(4, "127.0.0.1/32", "icmp-admin-prohibited")
 V6 = Family(6, "::1/128", "icmp6-adm-prohibited")
@@ -45,13 +47,6 @@ FAMILIES = (V4, V6)
 
 def profile_chain(profile: Profile) -> str:
     return PROFILE_PREFIX + profile.name
-
-
-def _chunks(ports: Sequence[int]) -> list[str]:
-    return [
-        ",".join(str(p) for p in ports[i : i + MULTIPORT_MAX])
-        for i in range(0, len(ports), MULTIPORT_MAX)
-    ]
 
 
 def admit_chain(profile: Profile) -> str:
@@ -117,15 +112,10 @@ def _profile_rules(profile: Profile, fam: Family, ct_mask: int, log_rejects: boo
     else:
         # The host's own addresses, public ones included: local services are not egress.
         rules.append(f"-A {chain} -m addrtype --dst-type LOCAL -j {reject}")
-    match_set = f"-m set --match-set {fam.set_of(profile)} dst"
-    if profile.ports:
-        for proto in ("tcp", "udp"):
-            for chunk in _chunks(profile.ports):
-                rules.append(
-                    f"-A {chain} -p {proto} -m multiport --dports {chunk} {match_set} -j {admit}"
-                )
-    else:
-        rules.append(f"-A {chain} {match_set} -j {admit}")
+    # Granted addresses: on every port, or (hash:ip,port) on the ports of the line that
+    # granted them, TCP and UDP.
+    rules.append(f"-A {chain} -m set --match-set {fam.set_of(profile)} dst -j {admit}")
+    rules.append(f"-A {chain} -m set --match-set {fam.pset_of(profile)} dst,dst -j {admit}")
     for net in profile.cidrs:
         if net.version == fam.version:
             rules.append(f"-A {chain} -d {net} -j {admit}")

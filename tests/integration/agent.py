@@ -16,6 +16,11 @@ Commands (optional ``--key=value`` flags may appear anywhere):
   serve PORT SECONDS                        (TCP server greeting each client "hello")
   many JSON_LIST|- [--port=80] [--timeout=3] [--workers=16] [--family=4|6]
   probe SECONDS PORT IP [IP...] [--interval=0.02] [--timeout=0.5]
+  tcphold SERVER PORT IDLE TRICKLE NAME [--settle=1] [--timeout=1]
+      (hold IDLE + TRICKLE TCP connections, then one timed TCP query for NAME)
+  udpflood SERVER PORT RATE SECONDS SUFFIX   (random-label A queries, replies counted)
+  udpbench SERVER PORT SECONDS NAME [NAME...] [--interval=0.05] [--timeout=1]
+      (one UDP query at a time, names in turn; latencies in ms)
   whoami
 
 Failures are reported as {"ok": false, "error": KIND, "errno": N|None,
@@ -25,6 +30,7 @@ of refused / reset / timeout / unreachable / other.  A locally dropped packet
 """
 
 import concurrent.futures
+import contextlib
 import errno
 import json
 import os
@@ -561,6 +567,174 @@ def cmd_probe(seconds, port, ips, flags):
     }
 
 
+# --------------------------------------------------------------------------- starvation
+
+
+def server_closed(s):
+    """True when the server has closed this connection (EOF or reset); never blocks."""
+    try:
+        return s.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def cmd_tcphold(server, port, n_idle, n_trickle, name, flags):
+    """Open idle and trickling TCP connections, count the ones still open, then time a query.
+
+    A trickling connection announces a 512-byte message and sends one byte of it every
+    0.2 s (a slot held by a client that is never quite idle).
+    """
+    settle = float(flag(flags, "settle", "1"))
+    timeout = float(flag(flags, "timeout", "1"))
+    conns, trickling, failed = [], [], {}
+    start = time.monotonic()
+    for i in range(int(n_idle) + int(n_trickle)):
+        try:
+            s = socket.create_connection((server, int(port)), timeout=5)
+        except OSError as exc:
+            kind = error(exc, start)["error"]
+            failed[kind] = failed.get(kind, 0) + 1
+            continue
+        s.setblocking(False)
+        conns.append(s)
+        if i >= int(n_idle):
+            s.send(struct.pack("!H", 512))
+            trickling.append(s)
+    opened = time.monotonic() - start
+
+    def trickle(seconds):
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            for s in trickling:
+                with contextlib.suppress(OSError):
+                    s.send(b"\0")
+            time.sleep(0.2)
+
+    trickle(settle)  # the server accepts (and evicts) at its pace; then count
+    open_before = [i for i, s in enumerate(conns) if not server_closed(s)]
+    qid, wire = build_query(name, "A")
+    t = time.monotonic()
+    try:
+        resp = exchange(server, int(port), wire, "tcp", timeout)
+        query = parse_response(resp)
+        query.update(ok=True, id_match=query["id"] == qid)
+    except (TimeoutError, OSError) as exc:
+        query = error(exc, t)
+    query["elapsed"] = round(time.monotonic() - t, 4)
+    trickle(0.3)
+    open_after = [i for i, s in enumerate(conns) if not server_closed(s)]
+    for s in conns:
+        s.close()
+    return {
+        "ok": True,
+        "connected": len(conns),
+        "connect_failed": failed,
+        "open_seconds": round(opened, 3),
+        "open_before": len(open_before),
+        "first_open_before": open_before[0] if open_before else None,
+        "open_after": len(open_after),
+        "query": query,
+    }
+
+
+def cmd_udpflood(server, port, rate, seconds, suffix):
+    """A-queries for random names under SUFFIX at RATE per second from one socket."""
+    rate, seconds = float(rate), float(seconds)
+    tail = encode_name(suffix)
+    s = socket.socket(family_of(server), socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    s.connect((server, int(port)))
+    s.setblocking(False)
+    sent = got = send_errors = 0
+    start = time.monotonic()
+    end = start + seconds
+    while True:
+        now = time.monotonic()
+        if now >= end:
+            break
+        due = min(int((now - start) * rate), int(rate * seconds))
+        while sent < due:
+            label = b"%012x" % random.getrandbits(48)
+            head = struct.pack("!HHHHHH", sent & 0xFFFF, 0x0100, 1, 0, 0, 0)
+            try:
+                s.send(head + bytes([len(label)]) + label + tail + b"\0\x01\0\x01")
+            except BlockingIOError:
+                send_errors += 1
+            sent += 1
+        try:
+            while True:
+                s.recv(4096)
+                got += 1
+        except BlockingIOError:
+            pass
+        except OSError:
+            send_errors += 1
+        time.sleep(0.001)
+    time.sleep(0.3)  # the last replies
+    try:
+        while True:
+            s.recv(4096)
+            got += 1
+    except OSError:
+        pass
+    s.close()
+    elapsed = time.monotonic() - start
+    return {
+        "ok": True,
+        "sent": sent,
+        "answered": got,
+        "send_errors": send_errors,
+        "seconds": round(elapsed, 3),
+        "rate_sent": round(sent / seconds),
+    }
+
+
+def cmd_udpbench(server, port, seconds, names, flags):
+    """One UDP query at a time for `seconds`; a lost or late reply counts as `timeout` ms."""
+    interval = float(flag(flags, "interval", "0.05"))
+    timeout = float(flag(flags, "timeout", "1"))
+    lat, lost, rcodes = [], 0, {}
+    end = time.monotonic() + float(seconds)
+    i = 0
+    while time.monotonic() < end:
+        name = names[i % len(names)]
+        i += 1
+        qid, wire = build_query(name, "A")
+        t = time.monotonic()
+        try:
+            with socket.socket(family_of(server), socket.SOCK_DGRAM) as s:
+                s.settimeout(timeout)
+                s.connect((server, int(port)))
+                s.send(wire)
+                while True:  # skip a stray reply (a late one to an earlier query)
+                    resp = s.recv(65535)
+                    if struct.unpack("!H", resp[:2])[0] == qid:
+                        break
+            rc = rcode_name(struct.unpack("!H", resp[2:4])[0] & 0xF)
+            rcodes[rc] = rcodes.get(rc, 0) + 1
+            lat.append(round((time.monotonic() - t) * 1000, 2))
+        except (TimeoutError, OSError):
+            lost += 1
+            lat.append(round(timeout * 1000, 2))
+        time.sleep(interval)
+    ordered = sorted(lat)
+
+    def pct(p):
+        return ordered[min(len(ordered) - 1, int(p * len(ordered)))] if ordered else None
+
+    return {
+        "ok": True,
+        "n": len(lat),
+        "lost": lost,
+        "rcodes": rcodes,
+        "p50_ms": pct(0.5),
+        "p99_ms": pct(0.99),
+        "max_ms": ordered[-1] if ordered else None,
+    }
+
+
 def main(argv):
     pos, flags = split_flags(argv)
     if not pos:
@@ -586,6 +760,12 @@ def main(argv):
         out = cmd_many(args[0], flags)
     elif cmd == "probe":
         out = cmd_probe(args[0], args[1], args[2:], flags)
+    elif cmd == "tcphold":
+        out = cmd_tcphold(*args, flags=flags)
+    elif cmd == "udpflood":
+        out = cmd_udpflood(*args)
+    elif cmd == "udpbench":
+        out = cmd_udpbench(args[0], args[1], args[2], args[3:], flags)
     elif cmd == "whoami":
         with open("/proc/self/status") as fh:
             caps = dict(line.split(":\t", 1) for line in fh if line.startswith("Cap"))

@@ -6,7 +6,7 @@ Topology (all created fresh per Lab, names "egd-<rand>-inet" / "egd-<rand>-host"
        |  veth
     inet ns  eth0 198.51.100.1/24  2001:db8:100::1/64   fake authoritative DNS :53
                   198.51.100.99/24 2001:db8:100::99/64  rogue resolver :53
-             lo   local 203.0.113.0/24, 2001:db8:113::/64 (AnyIP) TCP echo :80 :443,
+             lo   local 203.0.113.0/24, 2001:db8:113::/64 (AnyIP) TCP echo :80 :443 :8080,
                   UDP echo :9999 (echo also answers on 198.51.100.1)
 
 Nothing here touches the root namespace's firewall or routing; every
@@ -54,7 +54,7 @@ HOST_V6 = "2001:db8:100::2"
 ANYIP_V4 = "203.0.113.0/24"
 ANYIP_V6 = "2001:db8:113::/64"
 ROGUE_ANSWER = "203.0.113.250"
-ECHO_TCP_PORTS = (80, 443)
+ECHO_TCP_PORTS = (80, 443, 8080)
 ECHO_UDP_PORT = 9999
 IFNAME = "eth0"
 
@@ -115,10 +115,16 @@ def poll(cond: Callable[[], T], timeout: float, interval: float = 0.05) -> T | N
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of a fake server's log.
+
+    The servers create their log before they say ready, so a missing or unreadable log is
+    a broken observation, never "nothing happened": it raises, or a negative check
+    ("nothing reached the upstream") would pass when logging broke.
+    """
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return []
+    except OSError as err:
+        raise LabError(f"cannot read the log {path}: {err}") from err
     out = []
     for line in text.splitlines(keepends=True):
         if line.endswith("\n") and line.strip():  # skip a line still being written
@@ -512,7 +518,15 @@ class PrivateJournal:
             ],
             check=False,
         )
-        # journalctl exits 1 with "-- No entries --" on stderr for an empty result.
+        # journalctl exits 1 with "-- No entries --" on stderr for an empty result; any
+        # other failure is a broken observation and must not read as "nothing logged".
+        if proc.returncode != 0 and not (
+            proc.returncode == 1 and "No entries" in proc.stderr and not proc.stdout.strip()
+        ):
+            raise LabError(
+                f"journalctl -D {self.journal_dir} failed ({proc.returncode}): "
+                f"{proc.stderr.strip()[-2000:]}"
+            )
         return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
     def wait(self, *matches: str, count: int = 1, timeout: float = 10) -> list[dict[str, Any]]:

@@ -317,7 +317,10 @@ def test_a_foreign_rule_writing_egressds_mark_bits_stops_the_start_closed(lab: L
     assert not lab.agent("connect", "203.0.113.10", 80, 3)["ok"]
     assert not lab.agent("dnsq", ROGUE_V4, 53, "ok.test", "A", "udp", "--timeout=2")["ok"]
     assert lab.rogue.queries() == []
-    assert lab.agent("connect", "203.0.113.10", 80, 3, uid=OTHER)["ok"]  # positive twin
+    # Positive twins: an unrestricted user does get there, and the rogue's log shows it.
+    assert lab.agent("connect", "203.0.113.10", 80, 3, uid=OTHER)["ok"]
+    assert lab.agent("dnsq", ROGUE_V4, 53, "ok.test", "A", "udp", uid=OTHER)["ok"]
+    assert lab.rogue.queries(qname="ok.test.")
 
     # With a mask clear of that rule, egressd starts and the agent works.
     fixed = write_config(lab, ["ok.test"], daemon="ct_mask = 0x00f00000")

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import pytest
 
-from egressd.config import GrantSettings
-from egressd.ledger import Ledger, Write, grant_timeout
+from egressd.allowlist import Labels
+from egressd.config import GrantSettings, Profile
+from egressd.ledger import TCP, UDP, Key, Ledger, Reason, Write, entries_for, grant_timeout
 
 G = GrantSettings(floor=300, ceiling=86400, grace=60, maxelem=65536)
 S4 = "egressd-agent-v4"
 S6 = "egressd-agent-v6"
+
+
+def E(set_name: str, family: int, ip: str, ttl: int) -> tuple[Write, int]:
+    """One entry to grant (every port) with an answer's TTL, as the pipeline plans it."""
+    return (Write(set_name, family, ip, 0), ttl)
+
+
+def K(set_name: str, ip: str) -> Key:
+    return (set_name, ip, 0, 0)
 
 
 # --- grant_timeout ---------------------------------------------------------------------------
@@ -49,7 +59,7 @@ def test_grant_timeout_grace_zero() -> None:
 
 def test_plan_new_addresses() -> None:
     led = Ledger()
-    writes = led.plan([(S4, 4, "192.0.2.1", 100), (S6, 6, "2001:db8::1", 1000)], G, now=50.0)
+    writes = led.plan([E(S4, 4, "192.0.2.1", 100), E(S6, 6, "2001:db8::1", 1000)], G, now=50.0)
     assert writes == [Write(S4, 4, "192.0.2.1", 360), Write(S6, 6, "2001:db8::1", 1060)]
 
 
@@ -57,33 +67,37 @@ def test_plan_skips_when_remaining_is_long_enough() -> None:
     led = Ledger()
     led.commit([Write(S4, 4, "192.0.2.1", 360)], now=0.0)
     # want = 360; slack = 30: skipped while remaining >= 330
-    assert led.plan([(S4, 4, "192.0.2.1", 0)], G, now=0.0) == []
-    assert led.plan([(S4, 4, "192.0.2.1", 0)], G, now=30.0) == []  # remaining 330
-    assert led.plan([(S4, 4, "192.0.2.1", 0)], G, now=30.5) == [Write(S4, 4, "192.0.2.1", 360)]
+    assert led.plan([E(S4, 4, "192.0.2.1", 0)], G, now=0.0) == []
+    assert led.plan([E(S4, 4, "192.0.2.1", 0)], G, now=30.0) == []  # remaining 330
+    assert led.plan([E(S4, 4, "192.0.2.1", 0)], G, now=30.5) == [Write(S4, 4, "192.0.2.1", 360)]
 
 
 def test_plan_skip_threshold_uses_half_the_grace() -> None:
     g = GrantSettings(floor=300, ceiling=86400, grace=61)  # grace // 2 == 30
     led = Ledger()
     led.commit([Write(S4, 4, "192.0.2.1", 331)], now=0.0)  # remaining 331 = want(361) - 30
-    assert led.plan([(S4, 4, "192.0.2.1", 0)], g, now=0.0) == []
-    assert led.plan([(S4, 4, "192.0.2.1", 0)], g, now=1.0) != []
+    assert led.plan([E(S4, 4, "192.0.2.1", 0)], g, now=0.0) == []
+    assert led.plan([E(S4, 4, "192.0.2.1", 0)], g, now=1.0) != []
 
 
 def test_plan_writes_when_new_ttl_is_longer() -> None:
     led = Ledger()
     led.commit([Write(S4, 4, "192.0.2.1", 360)], now=0.0)
-    assert led.plan([(S4, 4, "192.0.2.1", 3600)], G, now=10.0) == [Write(S4, 4, "192.0.2.1", 3660)]
+    assert led.plan([E(S4, 4, "192.0.2.1", 3600)], G, now=10.0) == [Write(S4, 4, "192.0.2.1", 3660)]
 
 
 def test_plan_never_shortens_an_existing_grant() -> None:
     led = Ledger()
     led.commit([Write(S4, 4, "192.0.2.1", 86460)], now=0.0)
-    # a much shorter answer later: either no write, or a write of at least what is left
-    for now in (0.0, 1000.0, 50000.0, 86000.0, 86100.5):
-        remaining = led.remaining(S4, "192.0.2.1", now)
-        for w in led.plan([(S4, 4, "192.0.2.1", 5)], G, now):
-            assert w.timeout >= remaining
+    # A much shorter answer later: no write while enough is left; a write, never shorter
+    # than what is left, once the grant runs low.
+    written = 0
+    for now in (0.0, 1000.0, 50000.0, 86000.0, 86100.5, 86200.0, 86400.0):
+        remaining = led.remaining(K(S4, "192.0.2.1"), now)
+        for w in led.plan([E(S4, 4, "192.0.2.1", 5)], G, now):
+            assert w.timeout >= remaining and w.timeout >= 360
+            written += 1
+    assert written == 2  # at 86200 (260 s left) and 86400 (60 s left)
 
 
 @pytest.mark.parametrize(
@@ -101,10 +115,10 @@ def test_plan_rule_over_a_grid(settings: GrantSettings) -> None:
         for ttl in (0, 5, 300, 1000, 86400, 10**6):
             for now in (0.0, 0.5):
                 led = Ledger()
-                led.load(S4, [("192.0.2.1", left)], now=0.0)
-                have = led.remaining(S4, "192.0.2.1", now)
+                led.load([Write(S4, 4, "192.0.2.1", left)], now=0.0)
+                have = led.remaining(K(S4, "192.0.2.1"), now)
                 want = grant_timeout(ttl, settings)
-                writes = led.plan([(S4, 4, "192.0.2.1", ttl)], settings, now)
+                writes = led.plan([E(S4, 4, "192.0.2.1", ttl)], settings, now)
                 if have >= want - slack:
                     assert writes == [], (left, ttl, now)
                 else:
@@ -117,10 +131,10 @@ def test_plan_deduplicates_keeping_the_longest() -> None:
     led = Ledger()
     writes = led.plan(
         [
-            (S4, 4, "192.0.2.1", 10),
-            (S4, 4, "192.0.2.1", 5000),
-            (S4, 4, "192.0.2.1", 400),
-            (S4, 4, "192.0.2.2", 400),
+            E(S4, 4, "192.0.2.1", 10),
+            E(S4, 4, "192.0.2.1", 5000),
+            E(S4, 4, "192.0.2.1", 400),
+            E(S4, 4, "192.0.2.2", 400),
         ],
         G,
         now=0.0,
@@ -129,7 +143,7 @@ def test_plan_deduplicates_keeping_the_longest() -> None:
 
 
 def test_plan_deduplicates_longest_first() -> None:
-    writes = Ledger().plan([(S4, 4, "192.0.2.1", 5000), (S4, 4, "192.0.2.1", 10)], G, now=0.0)
+    writes = Ledger().plan([E(S4, 4, "192.0.2.1", 5000), E(S4, 4, "192.0.2.1", 10)], G, now=0.0)
     assert writes == [Write(S4, 4, "192.0.2.1", 5060)]
 
 
@@ -137,14 +151,14 @@ def test_plan_sets_are_independent() -> None:
     led = Ledger()
     other = "egressd-build-v4"
     led.commit([Write(S4, 4, "192.0.2.1", 5000)], now=0.0)
-    writes = led.plan([(S4, 4, "192.0.2.1", 0), (other, 4, "192.0.2.1", 0)], G, now=1.0)
+    writes = led.plan([E(S4, 4, "192.0.2.1", 0), E(other, 4, "192.0.2.1", 0)], G, now=1.0)
     assert writes == [Write(other, 4, "192.0.2.1", 360)]
 
 
 def test_plan_does_not_change_the_ledger() -> None:
     led = Ledger()
-    led.plan([(S4, 4, "192.0.2.1", 100)], G, now=0.0)
-    assert led.remaining(S4, "192.0.2.1", 0.0) == 0.0
+    led.plan([E(S4, 4, "192.0.2.1", 100)], G, now=0.0)
+    assert led.remaining(K(S4, "192.0.2.1"), 0.0) == 0.0
     assert led.live(S4, 0.0) == 0
 
 
@@ -153,49 +167,37 @@ def test_plan_does_not_change_the_ledger() -> None:
 
 def test_commit_and_remaining() -> None:
     led = Ledger()
-    led.commit([Write(S4, 4, "192.0.2.1", 360)], now=100.0, qname="www.example.com")
-    assert led.remaining(S4, "192.0.2.1", 100.0) == 360.0
-    assert led.remaining(S4, "192.0.2.1", 400.0) == 60.0
-    assert led.remaining(S4, "192.0.2.1", 460.0) == 0.0
-    assert led.remaining(S4, "192.0.2.1", 10_000.0) == 0.0
-    assert led.remaining(S4, "192.0.2.9", 100.0) == 0.0
-    assert led.remaining(S6, "192.0.2.1", 100.0) == 0.0
-    assert led.names[(S4, "192.0.2.1")] == "www.example.com"
+    led.commit([Write(S4, 4, "192.0.2.1", 360)], now=100.0)
+    assert led.remaining(K(S4, "192.0.2.1"), 100.0) == 360.0
+    assert led.remaining(K(S4, "192.0.2.1"), 400.0) == 60.0
+    assert led.remaining(K(S4, "192.0.2.1"), 460.0) == 0.0
+    assert led.remaining(K(S4, "192.0.2.1"), 10_000.0) == 0.0
+    assert led.remaining(K(S4, "192.0.2.9"), 100.0) == 0.0
+    assert led.remaining(K(S6, "192.0.2.1"), 100.0) == 0.0
 
 
 def test_commit_never_shortens() -> None:
     led = Ledger()
     led.commit([Write(S4, 4, "192.0.2.1", 1000)], now=0.0)
     led.commit([Write(S4, 4, "192.0.2.1", 10)], now=5.0)
-    assert led.remaining(S4, "192.0.2.1", 5.0) == 995.0
+    assert led.remaining(K(S4, "192.0.2.1"), 5.0) == 995.0
     led.commit([Write(S4, 4, "192.0.2.1", 2000)], now=5.0)
-    assert led.remaining(S4, "192.0.2.1", 5.0) == 2000.0
-
-
-def test_commit_records_latest_name_only_when_given() -> None:
-    led = Ledger()
-    led.commit([Write(S4, 4, "192.0.2.1", 10)], now=0.0, qname="a.example")
-    led.commit([Write(S4, 4, "192.0.2.1", 10)], now=0.0)
-    assert led.names[(S4, "192.0.2.1")] == "a.example"
-    led.commit([Write(S4, 4, "192.0.2.1", 10)], now=0.0, qname="b.example")
-    assert led.names[(S4, "192.0.2.1")] == "b.example"
+    assert led.remaining(K(S4, "192.0.2.1"), 5.0) == 2000.0
 
 
 def test_load_takes_over_kernel_entries() -> None:
     led = Ledger()
-    led.load(S4, [("192.0.2.1", 100), ("192.0.2.2", 5)], now=1000.0)
-    assert led.remaining(S4, "192.0.2.1", 1000.0) == 100.0
-    assert led.remaining(S4, "192.0.2.2", 1003.0) == 2.0
-    led.load(S4, [("192.0.2.1", 10)], now=1000.0)  # never shortens either
-    assert led.remaining(S4, "192.0.2.1", 1000.0) == 100.0
-    assert led.plan([(S4, 4, "192.0.2.1", 0)], GrantSettings(floor=60, grace=0), now=1000.0) == []
+    led.load([Write(S4, 4, "192.0.2.1", 100), Write(S4, 4, "192.0.2.2", 5)], now=1000.0)
+    assert led.remaining(K(S4, "192.0.2.1"), 1000.0) == 100.0
+    assert led.remaining(K(S4, "192.0.2.2"), 1003.0) == 2.0
+    led.load([Write(S4, 4, "192.0.2.1", 10)], now=1000.0)  # never shortens either
+    assert led.remaining(K(S4, "192.0.2.1"), 1000.0) == 100.0
+    assert led.plan([E(S4, 4, "192.0.2.1", 0)], GrantSettings(floor=60, grace=0), now=1000.0) == []
 
 
 def test_live_and_prune() -> None:
     led = Ledger()
-    led.commit(
-        [Write(S4, 4, "192.0.2.1", 10), Write(S4, 4, "192.0.2.2", 100)], now=0.0, qname="x.example"
-    )
+    led.commit([Write(S4, 4, "192.0.2.1", 10), Write(S4, 4, "192.0.2.2", 100)], now=0.0)
     led.commit([Write(S6, 6, "2001:db8::1", 50)], now=0.0)
     assert led.live(S4, 0.0) == 2
     assert led.live(S4, 10.0) == 1  # expiry 10 is not live at 10
@@ -203,24 +205,20 @@ def test_live_and_prune() -> None:
     assert led.live("egressd-none-v4", 0.0) == 0
     assert led.prune(9.0) == 0
     assert led.prune(10.0) == 1
-    assert (S4, "192.0.2.1") not in led.names
-    assert (S4, "192.0.2.2") in led.names
     assert led.prune(10.0) == 0
     assert led.prune(1000.0) == 2
     assert led.live(S4, 0.0) == 0 and led.live(S6, 0.0) == 0
-    assert led.names == {}
 
 
 def test_forget_one_set() -> None:
     led = Ledger()
-    led.commit([Write(S4, 4, "192.0.2.1", 100)], now=0.0, qname="a.example")
-    led.commit([Write(S6, 6, "2001:db8::1", 100)], now=0.0, qname="a.example")
+    led.commit([Write(S4, 4, "192.0.2.1", 100)], now=0.0)
+    led.commit([Write(S6, 6, "2001:db8::1", 100)], now=0.0)
     led.forget(S4)
-    assert led.remaining(S4, "192.0.2.1", 0.0) == 0.0
-    assert led.remaining(S6, "2001:db8::1", 0.0) == 100.0
-    assert list(led.names) == [(S6, "2001:db8::1")]
+    assert led.remaining(K(S4, "192.0.2.1"), 0.0) == 0.0
+    assert led.remaining(K(S6, "2001:db8::1"), 0.0) == 100.0
     # forgotten: the next answer writes again
-    assert led.plan([(S4, 4, "192.0.2.1", 100)], G, 0.0) == [Write(S4, 4, "192.0.2.1", 360)]
+    assert led.plan([E(S4, 4, "192.0.2.1", 100)], G, 0.0) == [Write(S4, 4, "192.0.2.1", 360)]
 
 
 def test_forget_everything() -> None:
@@ -228,17 +226,15 @@ def test_forget_everything() -> None:
     led.commit(
         [Write(S4, 4, "192.0.2.1", 100), Write(S6, 6, "2001:db8::1", 100)],
         now=0.0,
-        qname="a.example",
     )
     led.forget()
     assert led.live(S4, 0.0) == 0 and led.live(S6, 0.0) == 0
-    assert led.names == {}
 
 
 def test_plan_commit_cycle() -> None:
     """What the pipeline does: plan, write, commit; a repeat answer then costs nothing."""
     led = Ledger()
-    grants = [(S4, 4, "192.0.2.1", 60), (S6, 6, "2001:db8::1", 60)]
+    grants = [E(S4, 4, "192.0.2.1", 60), E(S6, 6, "2001:db8::1", 60)]
     first = led.plan(grants, G, now=0.0)
     assert len(first) == 2
     led.commit(first, now=0.0)
@@ -247,3 +243,113 @@ def test_plan_commit_cycle() -> None:
     # past the slack the grants are re-armed
     again = led.plan(grants, G, now=31.0)
     assert [w.timeout for w in again] == [360, 360]
+
+
+# --- ports, reasons, reconcile ------------------------------------------------------------------
+
+AGENT = Profile(name="agent", uids=(1000,))
+P4 = "egressd-agent-p4"
+
+
+def test_entries_for_every_port_and_for_ports() -> None:
+    assert entries_for(AGENT, "192.0.2.1", 4, ()) == [Write(S4, 4, "192.0.2.1", 0)]
+    assert entries_for(AGENT, "2001:db8::1", 6, ()) == [Write(S6, 6, "2001:db8::1", 0)]
+    assert entries_for(AGENT, "192.0.2.1", 4, (443, 8443)) == [
+        Write(P4, 4, "192.0.2.1", 0, TCP, 443),
+        Write(P4, 4, "192.0.2.1", 0, UDP, 443),
+        Write(P4, 4, "192.0.2.1", 0, TCP, 8443),
+        Write(P4, 4, "192.0.2.1", 0, UDP, 8443),
+    ]
+
+
+def L(name: str) -> Labels:
+    return tuple(name.encode().split(b"."))
+
+
+def grant(led: Ledger, name: str, ips: list[str], ports: tuple[int, ...], now: float) -> None:
+    """What the pipeline does for one allowed answer: plan, write, commit, justify."""
+    wanted = [(e, 300) for ip in ips for e in entries_for(AGENT, ip, 4, ports)]
+    led.commit(led.plan(wanted, G, now), now)
+    addrs = {(ip, 4): now + grant_timeout(300, G) for ip in ips}
+    led.justify(Reason("agent", L(name), (), ports, addrs, {e.key for e, _ in wanted}))
+
+
+def judge_by(allowed: dict[str, tuple[int, ...]]):  # type: ignore[no-untyped-def]
+    """A new policy: the names it allows, with their ports."""
+
+    def judge(r: Reason) -> list[Write] | None:
+        name = b".".join(r.labels).decode()
+        if name not in allowed:
+            return None
+        return [e for ip, fam in r.addrs for e in entries_for(AGENT, ip, fam, allowed[name])]
+
+    return judge
+
+
+LIVE = (S4, S6, P4, "egressd-agent-p6")
+
+
+def test_reconcile_removes_what_only_a_removed_name_justified() -> None:
+    led = Ledger()
+    grant(led, "gone.example", ["192.0.2.1", "192.0.2.2"], (), now=0.0)
+    grant(led, "kept.example", ["192.0.2.2"], (), now=0.0)  # shares 192.0.2.2
+    adds, removes = led.reconcile(judge_by({"kept.example": ()}), LIVE, now=10.0)
+    assert adds == []
+    assert removes == [Write(S4, 4, "192.0.2.1", 0)]
+    assert led.remaining(K(S4, "192.0.2.1"), 10.0) == 0.0
+    assert led.remaining(K(S4, "192.0.2.2"), 10.0) == 350.0
+    assert led.names(K(S4, "192.0.2.2"), 10.0) == ["kept.example"]
+    # The removed name is forgotten: a second reload has nothing more to take.
+    assert led.reconcile(judge_by({"kept.example": ()}), LIVE, now=11.0) == ([], [])
+
+
+def test_reconcile_moves_a_name_to_its_new_ports_adding_before_removing() -> None:
+    led = Ledger()
+    grant(led, "pypi.example", ["192.0.2.1"], (), now=0.0)
+    adds, removes = led.reconcile(judge_by({"pypi.example": (443,)}), LIVE, now=100.0)
+    # The new entries carry what is left of the name's grant (360 - 100 s).
+    assert adds == [
+        Write(P4, 4, "192.0.2.1", 260, TCP, 443),
+        Write(P4, 4, "192.0.2.1", 260, UDP, 443),
+    ]
+    assert removes == [Write(S4, 4, "192.0.2.1", 0)]
+    # And back to every port.
+    adds, removes = led.reconcile(judge_by({"pypi.example": ()}), LIVE, now=101.0)
+    assert adds == [Write(S4, 4, "192.0.2.1", 259)]
+    assert sorted(w.port for w in removes) == [443, 443]
+
+
+def test_reconcile_re_times_an_entry_a_removed_name_had_extended() -> None:
+    led = Ledger()
+    grant(led, "short.example", ["192.0.2.1"], (), now=0.0)  # until 360
+    long_answer = [(Write(S4, 4, "192.0.2.1", 0), 86400)]
+    led.commit(led.plan(long_answer, G, 0.0), 0.0)  # the long one extends it to 86460
+    led.justify(
+        Reason(
+            "agent", L("long.example"), (), (), {("192.0.2.1", 4): 86460.0}, {K(S4, "192.0.2.1")}
+        )
+    )
+    adds, removes = led.reconcile(judge_by({"short.example": ()}), LIVE, now=60.0)
+    assert removes == [] and adds == [Write(S4, 4, "192.0.2.1", 300)]
+    assert led.remaining(K(S4, "192.0.2.1"), 60.0) == 300.0
+
+
+def test_reconcile_leaves_entries_of_unknown_reason_and_dead_sets_alone() -> None:
+    led = Ledger()
+    led.load([Write(S4, 4, "192.0.2.9", 500)], now=0.0)  # taken over from the kernel
+    grant(led, "gone.example", ["192.0.2.1"], (), now=0.0)
+    adds, removes = led.reconcile(judge_by({}), LIVE, now=1.0)
+    assert removes == [Write(S4, 4, "192.0.2.1", 0)] and adds == []
+    assert led.remaining(K(S4, "192.0.2.9"), 1.0) == 499.0
+    # A profile a reload removed: its sets are gone, nothing to delete from them.
+    grant(led, "other.example", ["192.0.2.3"], (), now=2.0)
+    assert led.reconcile(judge_by({}), (), now=3.0) == ([], [])
+
+
+def test_reasons_expire_with_their_grants() -> None:
+    led = Ledger()
+    grant(led, "a.example", ["192.0.2.1"], (), now=0.0)
+    assert led.names(K(S4, "192.0.2.1"), 0.0) == ["a.example"]
+    led.prune(1000.0)
+    assert led.names(K(S4, "192.0.2.1"), 0.0) == []
+    assert led.reconcile(judge_by({}), LIVE, now=1000.0) == ([], [])

@@ -31,7 +31,7 @@ from egressd.events import (
     QueryRefused,
     UpstreamFailed,
 )
-from egressd.ledger import Ledger, Write
+from egressd.ledger import TCP, UDP, Ledger, Write
 from egressd.pipeline import Pipeline, PolicyRef
 from egressd.policy import Policy
 from egressd.stats import Stats
@@ -132,10 +132,13 @@ class FakeFirewall:
     fail: bool = False
 
     async def allow(self, writes: Sequence[Write]) -> None:
-        self.log.append("allow")
         self.calls.append(list(writes))
+        # The kernel's acknowledgement is a round trip: the pipeline gets control back in
+        # between, so a pipeline that replied without waiting for it would reply first.
+        await asyncio.sleep(0)
         if self.fail:
             raise FirewallError("ipset add to egressd-agent-v4 failed: set is full (maxelem)")
+        self.log.append("allow")  # recorded once the addresses are "in the kernel"
 
 
 @dataclass
@@ -160,9 +163,15 @@ class Rig:
     def ask(
         self, wire: bytes, port: int = 153, client: str = "udp:127.0.0.1:5555"
     ) -> dns.message.Message | None:
-        reply = asyncio.run(self.pipeline.handle(wire, port, client))
-        self.log.append("reply")
-        return reply
+        async def handled() -> dns.message.Message | None:
+            reply = await self.pipeline.handle(wire, port, client)
+            # Recorded the moment the reply is handed back (where the listener sends it),
+            # inside the loop: after asyncio.run, a grant still pending in a task would
+            # already have been cancelled or finished, and the order would prove nothing.
+            self.log.append("reply")
+            return reply
+
+        return asyncio.run(handled())
 
 
 def rig(blocked_rcode: str = "nxdomain", cache_entries: int = 100) -> Rig:
@@ -256,8 +265,10 @@ def test_allowed_name_is_granted_before_the_reply() -> None:
     assert [str(rr.name) for rr in reply.answer] == ["www.example.com.", "e1.cdn-provider.example."]
     assert reply.additional == []
     assert reply.options == ()  # the client's ECS option is not echoed
-    assert r.ledger.remaining("egressd-agent-v4", "192.0.2.10", r.clock.now) == 360
-    assert r.ledger.names[("egressd-agent-v4", "192.0.2.10")] == "www.example.com"
+    assert r.ledger.remaining(("egressd-agent-v4", "192.0.2.10", 0, 0), r.clock.now) == 360
+    assert r.ledger.names(("egressd-agent-v4", "192.0.2.10", 0, 0), r.clock.now) == [
+        "www.example.com"
+    ]
     assert r.events == []
     assert (r.stats.queries, r.stats.allowed, r.stats.grant_writes) == (1, 1, 2)
 
@@ -428,7 +439,7 @@ def test_firewall_error_is_servfail_without_addresses() -> None:
     assert ev.profile == "agent" and "maxelem" in ev.error
     assert r.stats.servfail_grant == 1 and r.stats.allowed == 0
     # nothing was recorded as granted: the next try writes again
-    assert r.ledger.remaining("egressd-agent-v4", "192.0.2.10", r.clock.now) == 0
+    assert r.ledger.remaining(("egressd-agent-v4", "192.0.2.10", 0, 0), r.clock.now) == 0
     r.firewall.fail = False
     again = r.ask(wire("www.example.com"))
     assert again is not None and addresses(again) == ["192.0.2.10", "192.0.2.11"]
@@ -500,7 +511,7 @@ def test_cache_hit_rearms_grants_that_run_out() -> None:
         Write("egressd-agent-v4", 4, "192.0.2.10", 360),
         Write("egressd-agent-v4", 4, "192.0.2.11", 360),
     ]
-    assert r.ledger.remaining("egressd-agent-v4", "192.0.2.10", r.clock.now) == 360
+    assert r.ledger.remaining(("egressd-agent-v4", "192.0.2.10", 0, 0), r.clock.now) == 360
 
 
 def test_cache_entry_expires_with_the_shortest_ttl() -> None:
@@ -823,3 +834,130 @@ def test_public_answers_are_untouched() -> None:
     reply = r.ask(wire("www.example.com"))
     assert reply is not None and addresses(reply) == ["192.0.2.10", "192.0.2.11"]
     assert r.events == []
+
+
+# --- per-line ports, generations, judging on reload ---------------------------------------------
+
+PORT_RULES = """\
+pypi.example ports=443
+files.example
+**.cdn.example ports=80
+"""
+
+
+def port_policy(rules: str = PORT_RULES, ports: tuple[int, ...] = ()) -> Policy:
+    agent = Profile(
+        name="agent",
+        uids=(1000,),
+        port=153,
+        ports=ports,
+        rules=tuple(parse_lines(rules, AGENT_LIST)),
+    )
+    return Policy(
+        Config(
+            path="/etc/egressd/egressd.toml",
+            daemon=DaemonSettings(upstreams=(Upstream("192.0.2.53"),)),
+            grants=GRANTS,
+            profiles=(agent,),
+        )
+    )
+
+
+def port_rig(ports: tuple[int, ...] = ()) -> Rig:
+    r = rig()
+    r.pipeline.ref.policy = port_policy(ports=ports)
+    return r
+
+
+P4 = "egressd-agent-p4"
+
+
+def test_a_lines_ports_limit_its_grants_to_those_ports() -> None:
+    r = port_rig()
+    r.resolver.add("pypi.example", "A", [("pypi.example.", 300, "A", "192.0.2.20")])
+    r.resolver.add("files.example", "A", [("files.example.", 300, "A", "192.0.2.21")])
+    assert addresses(r.ask(wire("pypi.example"))) == ["192.0.2.20"]
+    assert addresses(r.ask(wire("files.example"))) == ["192.0.2.21"]
+    assert r.firewall.calls == [
+        [Write(P4, 4, "192.0.2.20", 360, TCP, 443), Write(P4, 4, "192.0.2.20", 360, UDP, 443)],
+        [Write("egressd-agent-v4", 4, "192.0.2.21", 360)],  # no ports=: every port
+    ]
+
+
+def test_the_profiles_ports_are_the_default_for_lines_without_ports() -> None:
+    r = port_rig(ports=(22,))
+    r.resolver.add("files.example", "A", [("files.example.", 300, "A", "192.0.2.21")])
+    r.ask(wire("files.example"))
+    assert r.firewall.calls == [
+        [Write(P4, 4, "192.0.2.21", 360, TCP, 22), Write(P4, 4, "192.0.2.21", 360, UDP, 22)]
+    ]
+
+
+def test_ports_come_from_the_queried_names_line_not_the_cname_targets() -> None:
+    r = port_rig()
+    r.resolver.add(
+        "pypi.example",
+        "A",
+        [
+            ("pypi.example.", 300, "CNAME", "edge.cdn.example."),
+            ("edge.cdn.example.", 300, "A", "192.0.2.22"),
+        ],
+    )
+    r.ask(wire("pypi.example"))
+    assert {w.port for w in r.firewall.calls[0]} == {443}  # not 80 from **.cdn.example
+
+
+def test_an_answer_overtaken_by_a_reload_is_decided_again_never_served_or_cached() -> None:
+    r = port_rig()
+    denied = port_policy(rules="files.example\n")  # pypi.example no longer allowed
+
+    def reload_meanwhile(q: dns.message.Message) -> dns.message.Message:
+        # The upstream answers after a reload swapped the policy.
+        r.pipeline.ref.policy = denied
+        r.pipeline.ref.generation += 1
+        resp = dns.message.make_response(q)
+        resp.answer.append(dns.rrset.from_text("pypi.example.", 300, "IN", "A", "192.0.2.20"))
+        return resp
+
+    r.resolver.answers[("pypi.example", dns.rdatatype.A)] = reload_meanwhile
+    reply = r.ask(wire("pypi.example"))
+    assert reply is not None and reply.rcode() == dns.rcode.NXDOMAIN
+    assert r.firewall.calls == [] and len(r.pipeline.cache) == 0
+    assert r.stats.stale_answers == 1
+    assert [type(e) for e in r.events] == [QueryBlocked]
+
+
+def test_a_reload_during_the_kernel_write_decides_again() -> None:
+    r = port_rig()
+    r.resolver.add("files.example", "A", [("files.example.", 300, "A", "192.0.2.21")])
+    real_allow = r.firewall.allow
+
+    async def allow_and_reload(writes: Sequence[Write]) -> None:
+        if not r.firewall.calls:  # the first write: a reload happens meanwhile
+            r.pipeline.ref.generation += 1
+        await real_allow(writes)
+
+    r.firewall.allow = allow_and_reload  # type: ignore[method-assign]
+    reply = r.ask(wire("files.example"))
+    assert addresses(reply) == ["192.0.2.21"]  # decided again under the new generation
+    assert r.stats.stale_answers == 1
+    assert r.log.index("allow") < r.log.index("reply")
+
+
+def test_judge_says_what_the_current_policy_grants_for_a_remembered_answer() -> None:
+    r = port_rig()
+    r.resolver.add("pypi.example", "A", [("pypi.example.", 300, "A", "192.0.2.20")])
+    r.ask(wire("pypi.example"))
+    (reason,) = r.ledger._reasons.values()
+    assert {w.port for w in r.pipeline.judge(reason) or []} == {443}
+    r.pipeline.ref.policy = port_policy(rules="pypi.example ports=8443\n")
+    assert {(w.set_name, w.proto, w.port) for w in r.pipeline.judge(reason) or []} == {
+        (P4, TCP, 8443),
+        (P4, UDP, 8443),
+    }
+    r.pipeline.ref.policy = port_policy(rules="pypi.example\n")
+    assert r.pipeline.judge(reason) == [Write("egressd-agent-v4", 4, "192.0.2.20", 0)]
+    r.pipeline.ref.policy = port_policy(rules="pypi.example\n!pypi.example\n")
+    assert r.pipeline.judge(reason) is None
+    r.pipeline.ref.policy = port_policy(rules="files.example\n")
+    assert r.pipeline.judge(reason) is None

@@ -20,7 +20,6 @@ from egressd.firewall import rules
 from egressd.firewall.rules import (
     FILTER_CHAIN,
     JUMPS,
-    MULTIPORT_MAX,
     NAT_CHAIN,
     V4,
     V6,
@@ -162,9 +161,6 @@ def test_agent_chain_v4_order() -> None:
     r = chain_rules(text, "EGRESSD-P-agent")
     c = "-A EGRESSD-P-agent"
     admit, reject = "-j EGRESSD-A-agent", "-j EGRESSD-R-agent"
-    set4 = f"-m set --match-set egressd-agent-v4 dst {admit}"
-    first = ",".join(map(str, AGENT_PORTS[:15]))
-    rest = ",".join(map(str, AGENT_PORTS[15:]))
     assert r == [
         f"{c} -m conntrack --ctstate ESTABLISHED,RELATED -m connmark --mark 0x7000000/0xff000000"
         " -j ACCEPT",
@@ -178,10 +174,8 @@ def test_agent_chain_v4_order() -> None:
         f"{c} -p udp -m udp --dport 53 {reject}",
         f"{c} -p tcp -m tcp --dport 53 {reject}",
         f"{c} -o lo {admit}",
-        f"{c} -p tcp -m multiport --dports {first} {set4}",
-        f"{c} -p tcp -m multiport --dports {rest} {set4}",
-        f"{c} -p udp -m multiport --dports {first} {set4}",
-        f"{c} -p udp -m multiport --dports {rest} {set4}",
+        f"{c} -m set --match-set egressd-agent-v4 dst {admit}",
+        f"{c} -m set --match-set egressd-agent-p4 dst,dst {admit}",
         f"{c} -d 10.0.0.0/8 {admit}",
         f"{c} -d 192.168.1.0/24 {admit}",
         f"{c} {reject}",
@@ -217,6 +211,7 @@ def test_build_chain_v6_order() -> None:
         f"{c} -p tcp -m tcp --dport 53 {reject}",
         f"{c} -m addrtype --dst-type LOCAL {reject}",
         f"{c} -m set --match-set egressd-build-v6 dst {admit}",
+        f"{c} -m set --match-set egressd-build-p6 dst,dst {admit}",
         f"{c} -d 2001:db8::/32 {admit}",
         f"{c} {reject}",
     ]
@@ -285,16 +280,13 @@ def test_cidrs_of_the_family_only() -> None:
     assert "icmp6" not in v4 and "icmp-admin" not in v6
 
 
-def test_multiport_chunks_never_exceed_the_limit() -> None:
-    many = Profile(name="many", uids=(5,), ports=tuple(range(1000, 1031)))  # 31 ports
-    text = render([many], V4)
-    dports = [ln.split("--dports ")[1].split()[0] for ln in lines(text) if "--dports" in ln]
-    assert len(dports) == 6  # 3 chunks x tcp, udp
-    for chunk in dports:
-        assert 1 <= len(chunk.split(",")) <= MULTIPORT_MAX
-    assert sorted(int(p) for c in dports[:3] for p in c.split(",")) == list(range(1000, 1031))
-    exactly = Profile(name="fifteen", uids=(5,), ports=tuple(range(1, 16)))
-    assert sum("--dports" in ln for ln in lines(render([exactly], V4))) == 2
+def test_port_grants_match_address_and_port_of_the_port_set() -> None:
+    for fam, set_name in ((V4, "egressd-agent-p4"), (V6, "egressd-agent-p6")):
+        text = render(PROFILES, fam)
+        assert f"-A EGRESSD-P-agent -m set --match-set {set_name} dst,dst -j EGRESSD-A-agent" in (
+            lines(text)
+        )
+        assert "multiport" not in text  # the profile's ports are applied per grant now
 
 
 def test_missing_jumps_insert_at_the_top() -> None:
