@@ -1015,6 +1015,28 @@ class Lab:
             raise LabError("lab cleanup problems:\n" + "\n".join(errors))
 
 
+class Probe:
+    """agent.py `probe` in a thread: one agent process connecting to `ips` on port 80
+    every `interval` seconds for `seconds` (a connect() per probe, not a Python start)."""
+
+    def __init__(self, lab: Lab, seconds: float, ips: list[str], interval: float = 0.02) -> None:
+        self.result: dict[str, Any] = {}
+        self._thread = threading.Thread(
+            target=lambda: self.result.update(
+                lab.agent(
+                    "probe", seconds, 80, *ips, f"--interval={interval}", timeout=seconds + 30
+                )
+            ),
+            daemon=True,
+        )
+        self._thread.start()
+
+    def join(self) -> dict[str, Any]:
+        self._thread.join(60)
+        assert self.result.get("ok"), self.result
+        return self.result
+
+
 def _ready_or_dead(ready: Path, proc: subprocess.Popen[bytes]) -> bool:
     return ready.exists() or proc.poll() is not None
 

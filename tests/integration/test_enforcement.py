@@ -38,15 +38,20 @@ def enable_ct_accounting(lab: Lab) -> None:
     lab.netns_exec("host", ["sysctl", "-q", "-w", "net.netfilter.nf_conntrack_acct=1"])
 
 
+def conntrack(lab: Lab, proto: str, dst: str, dport: int, *extra: str) -> list[str]:
+    """The host's conntrack entries of proto to dst:dport (original direction)."""
+    out = lab.netns_exec(
+        "host",
+        ["conntrack", "-L", "-p", proto, "--orig-dst", dst, "--orig-port-dst", str(dport), *extra],
+        check=False,
+    ).stdout
+    return [line for line in out.splitlines() if line.startswith(proto)]
+
+
 def flow(lab: Lab, proto: str, dst: str, dport: int, sport: int) -> dict[str, Any] | None:
     """The conntrack entry of (sport -> dst:dport), original direction: its packet count
     and mark, or None."""
-    out = lab.netns_exec(
-        "host",
-        ["conntrack", "-L", "-p", proto, "--orig-dst", dst, "--orig-port-dst", str(dport)],
-        check=False,
-    ).stdout
-    for line in out.splitlines():
+    for line in conntrack(lab, proto, dst, dport):
         if re.search(rf"\bsport={sport}\b", line):
             packets = re.search(r"packets=(\d+)", line)
             mark = re.search(r"mark=(\d+)", line)
@@ -125,21 +130,7 @@ def test_the_agent_cannot_continue_egressds_own_upstream_query(lab: Lab) -> None
     enable_ct_accounting(lab)
 
     assert lab.agent("resolve", "fresh.test", "4")["ok"]
-    out = lab.netns_exec(
-        "host",
-        [
-            "conntrack",
-            "-L",
-            "-p",
-            "udp",
-            "--orig-dst",
-            INET_V4,
-            "--orig-port-dst",
-            "53",
-            "--orig-src",
-            HOST_V4,
-        ],
-    ).stdout
+    out = "\n".join(conntrack(lab, "udp", INET_V4, 53, "--orig-src", HOST_V4))
     ports = [int(m) for m in re.findall(r"src=\S+ dst=\S+ sport=(\d+) dport=53 ", out)]
     assert ports, f"egressd's upstream flow is not in conntrack:\n{out}"
     sport = ports[0]
@@ -349,21 +340,7 @@ print(sent)
 
 
 def udp_flows(lab: Lab) -> int:
-    out = lab.netns_exec(
-        "host",
-        [
-            "conntrack",
-            "-L",
-            "-p",
-            "udp",
-            "--orig-dst",
-            "203.0.113.10",
-            "--orig-port-dst",
-            str(ECHO_UDP),
-        ],
-        check=False,
-    ).stdout
-    return sum(1 for line in out.splitlines() if line.startswith("udp"))
+    return len(conntrack(lab, "udp", "203.0.113.10", ECHO_UDP))
 
 
 def flood(lab: Lab, uid: int, n: int) -> int:

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 import pytest
-from lab import Lab, poll
+from lab import Lab, Probe, poll
 from test_egressd import AGENT, OTHER, events, ipset_members, start, write_config
 
 pytestmark = pytest.mark.netns
@@ -75,26 +75,6 @@ def test_a_lines_ports_are_the_only_ports_its_addresses_get(lab: Lab) -> None:
     assert "203.0.113.30" not in ipset_members(lab, "egressd-agent-v4")
 
 
-class Probe:
-    """agent.py `probe` in a thread: one agent process connecting every 10 ms."""
-
-    def __init__(self, lab: Lab, seconds: float, ips: list[str]) -> None:
-        self.result: dict[str, Any] = {}
-        self.ips = ips
-        self._thread = threading.Thread(
-            target=lambda: self.result.update(
-                lab.agent("probe", seconds, 80, *ips, "--interval=0.01", timeout=seconds + 30)
-            ),
-            daemon=True,
-        )
-        self._thread.start()
-
-    def join(self) -> dict[str, Any]:
-        self._thread.join(60)
-        assert self.result, "the probe did not report"
-        return self.result
-
-
 def test_a_reload_takes_back_a_removed_names_address_and_nothing_else(lab: Lab) -> None:
     lab.dns.set(
         {
@@ -108,7 +88,7 @@ def test_a_reload_takes_back_a_removed_names_address_and_nothing_else(lab: Lab) 
     assert lab.agent("resolve", "kept.test", "4")["ok"]
     assert reachable(lab, "203.0.113.41", 80) and reachable(lab, "203.0.113.42", 80)
 
-    probe = Probe(lab, 3.0, ["203.0.113.41", "203.0.113.42"])
+    probe = Probe(lab, 3.0, ["203.0.113.41", "203.0.113.42"], interval=0.01)
     time.sleep(1.0)
     write_config(lab, ["kept.test"])
     reloaded_at = time.time()
@@ -142,7 +122,7 @@ def test_a_reload_that_moves_a_name_to_a_port_keeps_that_port_open(lab: Lab) -> 
     assert lab.agent("resolve", "moved.test", "4")["ok"]
     assert reachable(lab, "203.0.113.45", 80) and reachable(lab, "203.0.113.45", 443)
 
-    probe = Probe(lab, 2.5, ["203.0.113.45"])
+    probe = Probe(lab, 2.5, ["203.0.113.45"], interval=0.01)
     time.sleep(0.8)
     write_config(lab, ["moved.test ports=80"])
     d.signal(signal.SIGHUP)

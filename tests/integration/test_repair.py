@@ -11,12 +11,10 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
-from typing import Any
 
 import pytest
-from lab import REPO_ROOT, Daemon, Lab, poll
+from lab import REPO_ROOT, Daemon, Lab, Probe, poll
 from test_egressd import events, write_config
 from test_egressd import start as start_daemon
 
@@ -31,25 +29,6 @@ WINDOW = 1.0  # seconds: what issue 5 allows
 def start(lab: Lab, env: dict[str, str] | None = None) -> Daemon:
     # verify_interval 30 s: only the change events can make a repair fast.
     return start_daemon(lab, write_config(lab, ["ok.test"], verify_interval=30.0), env=env)
-
-
-class Probe:
-    """agent.py `probe` in a thread: one agent process connecting every 20 ms."""
-
-    def __init__(self, lab: Lab, seconds: float, ips: list[str]) -> None:
-        self.result: dict[str, Any] = {}
-        self._thread = threading.Thread(
-            target=lambda: self.result.update(
-                lab.agent("probe", seconds, 80, *ips, "--interval=0.02", timeout=seconds + 30)
-            ),
-            daemon=True,
-        )
-        self._thread.start()
-
-    def join(self) -> dict[str, Any]:
-        self._thread.join(60)
-        assert self.result.get("ok"), self.result
-        return self.result
 
 
 def through(lab: Lab, ips: list[str]) -> list[float]:
