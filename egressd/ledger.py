@@ -164,6 +164,18 @@ class Ledger:
             reason.keys |= old.keys
         self._reasons[rid] = reason
 
+    def knows(self, reason: Reason) -> bool:
+        """Whether a reason adds nothing: recorded already, for these entries, as long.
+
+        Checked when a repeat answer needs no kernel write (the entries' grants still last
+        long enough), so a cache hit costs a few dict look-ups, not a merge.
+        """
+        old = self._reasons.get((reason.profile, reason.labels))
+        if old is None or not reason.keys <= old.keys or old.ports != reason.ports:
+            return False
+        slack = 60.0  # an expiry this close to the recorded one changes nothing a reload does
+        return all(old.addrs.get(a, 0.0) >= exp - slack for a, exp in reason.addrs.items())
+
     def load(self, entries: Iterable[Write], now: float) -> None:
         """Take over grants found in the kernel after a restart (timeout = seconds left).
 

@@ -365,6 +365,9 @@ class Pipeline:
         now = self.clock()
         name = name_of(labels)
         wanted = [(e, ttl) for ip, fam, ttl in addrs for e in entries_for(p, ip, fam, ports, name)]
+        plan = self.ledger.plan(wanted, settings, now)
+        self.stats.grant_skips += len(wanted) - len(plan)
+        self._check(generation)  # never write a grant of a replaced policy
         reason = Reason(
             p.name,
             labels,
@@ -373,11 +376,11 @@ class Pipeline:
             {(ip, fam): now + grant_timeout(ttl, settings) for ip, fam, ttl in addrs},
             {e.key for e, _ in wanted},
         )
-        plan = self.ledger.plan(wanted, settings, now)
-        self.stats.grant_skips += len(wanted) - len(plan)
-        self._check(generation)  # never write a grant of a replaced policy
         if not plan:
-            self.ledger.justify(reason)
+            # Nothing to write (a cache hit, mostly): the entries were written for this
+            # reason already, unless another name wrote them.
+            if not self.ledger.knows(reason):
+                self.ledger.justify(reason)
             return
         self.granting += 1
         try:

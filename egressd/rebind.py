@@ -110,10 +110,32 @@ class Special:
         return f"{self.rule} ({self.reason})"
 
 
+def _masks(table: tuple[Range, ...]) -> tuple[tuple[int, int, Range], ...]:
+    return tuple((int(r.network.network_address), int(r.network.netmask), r) for r in table)
+
+
+# Integer (network, mask) pairs: an `addr in network` of the ipaddress module costs ~1 us
+# per row, and every address of every fresh answer is screened.
+_MASKS = {4: _masks(V4_TABLE), 6: _masks(V6_TABLE)}
+_EMBEDDED_MASKS = tuple(
+    (int(e.network.network_address), int(e.network.netmask), e) for e in EMBEDDED
+)
+
+
 def _table_match(addr: IPAddress, table: tuple[Range, ...]) -> Range | None:
-    for row in table:
-        if addr in row.network:
+    value = int(addr)
+    masks = _MASKS[addr.version] if table in (V4_TABLE, V6_TABLE) else _masks(table)
+    for net, mask, row in masks:
+        if value & mask == net:
             return row
+    return None
+
+
+def _embedding(addr: ipaddress.IPv6Address) -> Embedding | None:
+    value = int(addr)
+    for net, mask, emb in _EMBEDDED_MASKS:
+        if value & mask == net:
+            return emb
     return None
 
 
@@ -130,7 +152,8 @@ def classify(addr: IPAddress, local: frozenset[IPAddress] = frozenset()) -> Spec
     v4 = embedded_ipv4(addr)
     if v4 is None:
         return None
-    emb = next(e for e in EMBEDDED if addr in e.network)
+    emb = _embedding(addr)
+    assert emb is not None  # embedded_ipv4 found one
     inner = classify(v4, local)
     if inner is None:
         return None
@@ -141,10 +164,10 @@ def classify(addr: IPAddress, local: frozenset[IPAddress] = frozenset()) -> Spec
 
 def embedded_ipv4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     """The IPv4 address an IPv6 address carries (mapped, compatible, NAT64, 6to4...)."""
-    for emb in EMBEDDED:
-        if addr in emb.network:
-            return ipaddress.IPv4Address((int(addr) >> emb.shift) & 0xFFFFFFFF)
-    return None
+    emb = _embedding(addr)
+    if emb is None:
+        return None
+    return ipaddress.IPv4Address((int(addr) >> emb.shift) & 0xFFFFFFFF)
 
 
 @dataclass(frozen=True, slots=True)

@@ -73,7 +73,7 @@ def _sets_of(profile: Profile) -> list[tuple[int, str, str]]:
     ]
 
 
-def _entry(w: Write, family: int, lineno: int) -> list[object]:
+def _entry(w: Write, family: int) -> list[object]:
     attrs: list[list[object]] = [
         ["IPSET_ATTR_IP_FROM", {"attrs": [[_ADDR_ATTR[family], w.ip]]}],
     ]
@@ -83,7 +83,9 @@ def _entry(w: Write, family: int, lineno: int) -> list[object]:
     attrs.append(["IPSET_ATTR_TIMEOUT", w.timeout])
     if w.comment:
         attrs.append(["IPSET_ATTR_COMMENT", w.comment[:IPSET_MAX_COMMENT]])
-    attrs.append(["IPSET_ATTR_CADT_LINENO", lineno])
+    # No per-entry IPSET_ATTR_CADT_LINENO: the kernel uses it only to say which line of an
+    # `ipset restore` failed, and encoding it costs pyroute2 ~10 us per entry (measured),
+    # as much as the comment.
     return ["IPSET_ATTR_DATA", {"attrs": attrs}]
 
 
@@ -267,7 +269,7 @@ class IptablesIpset:
                 ["IPSET_ATTR_PROTOCOL", ipset._proto_version],
                 ["IPSET_ATTR_SETNAME", name],
                 ["IPSET_ATTR_LINENO", 0],  # the kernel requires it with a list of entries
-                ["IPSET_ATTR_ADT", {"attrs": [_entry(w, family, i) for i, w in enumerate(ws)]}],
+                ["IPSET_ATTR_ADT", {"attrs": [_entry(w, family) for w in ws]}],
             ]
             try:
                 await ipset.request(

@@ -353,3 +353,22 @@ def test_reasons_expire_with_their_grants() -> None:
     led.prune(1000.0)
     assert led.names(K(S4, "192.0.2.1"), 0.0) == []
     assert led.reconcile(judge_by({}), LIVE, now=1000.0) == ([], [])
+
+
+def test_knows_a_repeat_answer_that_adds_nothing() -> None:
+    led = Ledger()
+    grant(led, "a.example", ["192.0.2.1"], (), now=0.0)
+    keys = {K(S4, "192.0.2.1")}
+
+    def again(now: float, ips: list[str], ports: tuple[int, ...] = ()) -> Reason:
+        addrs = {(ip, 4): now + 360.0 for ip in ips}
+        return Reason("agent", L("a.example"), (), ports, addrs, set(keys))
+
+    assert led.knows(again(30.0, ["192.0.2.1"]))  # later by less than the slack
+    assert not led.knows(again(90.0, ["192.0.2.1"]))  # later by more: re-arm the reason
+    assert not led.knows(again(0.0, ["192.0.2.1"], ports=(443,)))  # other ports
+    other = Reason("agent", L("b.example"), (), (), {("192.0.2.1", 4): 360.0}, set(keys))
+    assert not led.knows(other)  # another name wrote the entries: record it too
+    bigger = again(0.0, ["192.0.2.1"])
+    bigger.keys.add(K(S4, "192.0.2.2"))
+    assert not led.knows(bigger)
