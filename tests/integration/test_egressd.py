@@ -96,6 +96,14 @@ def ipset_members(lab: Lab, name: str) -> dict[str, int]:
     return members
 
 
+def rogue_sees_others(lab: Lab) -> None:
+    """Positive twin of "the rogue resolver got nothing from the agent": an unrestricted
+    user's query does reach it, and its log shows it."""
+    r = lab.agent("dnsq", ROGUE_V4, 53, "twin.test", "A", "udp", uid=OTHER)
+    assert r["ok"], r
+    assert lab.rogue.queries(qname="twin.test.")
+
+
 BASIC = {
     "ok.test.": [["A", "203.0.113.10", 300], ["AAAA", "2001:db8:113::10", 300]],
     "blocked.test.": [["A", "203.0.113.66", 300]],
@@ -126,7 +134,9 @@ def test_allowed_name_connects_blocked_fails_fast_unresolved_ip_rejected(lab: La
     u = lab.agent("udp", "203.0.113.66", 9999, 5)
     assert not u["ok"] and u["error"] != "timeout", u
     assert lab.echo.connections(dst="203.0.113.66") == []
+    assert lab.echo.connections(dst="203.0.113.10")  # the echo log does record connections
     assert lab.rogue.queries() == []
+    rogue_sees_others(lab)
 
 
 # 2 -----------------------------------------------------------------------------------------
@@ -148,6 +158,7 @@ def test_dns_to_any_server_is_answered_by_egressd(lab: Lab, server: str, proto: 
     assert bad["rcode"] == "NXDOMAIN" and bad["answers"] == [], bad
     assert bad["ede"] and bad["ede"][0][0] == 15 and "egressd" in bad["ede"][0][1], bad
     assert lab.rogue.queries() == []
+    rogue_sees_others(lab)
 
 
 # 3 -----------------------------------------------------------------------------------------
@@ -172,6 +183,7 @@ def test_blocked_query_never_reaches_upstream(lab: Lab) -> None:
     assert names == {"ok.test."}, upstream
     assert all(not q.get("edns_options") for q in upstream), upstream
     assert lab.rogue.queries() == []
+    rogue_sees_others(lab)
     blocked = events(d, "QueryBlocked")
     assert {e["EGRESSD_QNAME"] for e in blocked} == {secret, "deny.ok.test"}
     deny = [e for e in blocked if e["EGRESSD_QNAME"] == "deny.ok.test"][0]
@@ -271,6 +283,7 @@ def test_stop_and_crash_fail_closed_then_recover(lab: Lab, how: str) -> None:
     # What was granted keeps working.
     assert lab.agent("connect", "203.0.113.10", 80)["ok"]
     assert lab.rogue.queries() == []
+    rogue_sees_others(lab)
 
     d2 = start(lab, config)
     assert "203.0.113.10" in ipset_members(lab, "egressd-agent-v4")  # grants kept
@@ -409,8 +422,9 @@ def test_malformed_and_unsupported_messages(lab: Lab) -> None:
     )
     assert lab.agent("dnsraw", ROGUE_V4, 53, ch.hex(), "udp")["rcode"] == "REFUSED"
     assert lab.dns.queries() == []
-    # And egressd still answers.
+    # And egressd still answers (through the fake DNS, whose log shows it).
     assert lab.agent("resolve", "ok.test", "4")["ok"]
+    assert lab.dns.queries(qname="ok.test.")
 
 
 def test_listener_port_cannot_be_squatted(lab: Lab) -> None:
@@ -534,6 +548,7 @@ def test_self_healing_after_tampering(lab: Lab, tamper: list[list[str]]) -> None
     assert lab.agent("connect", "203.0.113.10", 80)["ok"]
     assert lab.agent("resolve", "blocked.test", "4")["gaierror"] == "EAI_NONAME"
     assert lab.rogue.queries() == []
+    rogue_sees_others(lab)
 
 
 def test_uninstall_removes_exactly_what_egressd_added(lab: Lab) -> None:
