@@ -598,7 +598,11 @@ def assert_agent_closed(ct: Container, lab: Lab, tag: str) -> None:
         assert seen == {"accept", "datagram"}, lab.echo.connections(dst=root_ip)
     assert [q for q in lab.dns.queries() if q["qname"].startswith(f"agent-{tag}-")] == []
     assert len([q for q in lab.dns.queries() if q["qname"].startswith(f"root-{tag}-")]) == 4
-    assert lab.rogue.queries() == []
+    # Nothing of the agent's reached the rogue resolver either; root's query does.
+    root_q = f"root-{tag}-rogue.example"
+    assert ct.agent("dnsq", ROGUE_V4, 53, root_q, "A", "udp", user="root")["ok"]
+    assert [q["qname"] for q in lab.rogue.queries() if not q["qname"].startswith("root-")] == []
+    assert lab.rogue.queries(qname=f"{root_q}.")
 
 
 def assert_lockdown_ran(ct: Container, uid: int) -> None:
