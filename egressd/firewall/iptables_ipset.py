@@ -3,7 +3,9 @@
 Rules go through the system's iptables-restore / ip6tables-restore, which drive whichever
 backend the host uses (nft on Debian 12) and apply a whole table atomically; python-iptables
 would only drive legacy xtables (see DESIGN §3). Sets go through netlink with pyroute2's
-AsyncIPSet inside the event loop, never through an ``ipset`` subprocess on the hot path.
+AsyncIPSet inside the event loop, never through an ``ipset`` subprocess on the hot path;
+the hot path's entry ADD/DEL messages are built by hand (ipsetmsg) and go over a socket of
+their own (see IptablesIpset._adt).
 """
 
 from __future__ import annotations
@@ -17,20 +19,14 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 
 from pyroute2 import AsyncIPSet  # type: ignore[import-untyped]
-from pyroute2.ipset import _nlmsg_error  # type: ignore[import-untyped]
-from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST  # type: ignore[import-untyped]
+from pyroute2.ipset import _IPSetError  # type: ignore[import-untyped]
 from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
-from pyroute2.netlink.nfnetlink.ipset import (  # type: ignore[import-untyped]
-    IPSET_CMD_ADD,
-    IPSET_CMD_DEL,
-    ipset_msg,
-)
 
 from ..config import Profile
 from ..errors import FirewallError
 from ..ledger import Write
 from ..policy import Policy
-from . import marks, rules
+from . import ipsetmsg, marks, rules
 from .base import Found
 
 SET_PREFIX = "egressd-"
@@ -41,9 +37,13 @@ RESIZE_SUFFIX = "-new"  # "egressd-" + 15-char profile + "-v4" + this = 30 <= 31
 SET_TIMEOUT = 300
 IPSET_ERR_HASH_FULL = 4352  # IPSET_ERR_TYPE_SPECIFIC: the hash types use it for "set is full"
 IPSET_ERR_EXIST = 4103  # IPSET_ERR_PRIVATE + 7: deleting an entry that is not there
-IPSET_MAX_COMMENT = 255
 IPSET_FLAG_WITH_COMMENT = 1 << 4  # the set keeps a comment per entry (cadt flags)
-_ADDR_ATTR = {4: "IPSET_ATTR_IPADDR_IPV4", 6: "IPSET_ATTR_IPADDR_IPV6"}
+NETLINK_NETFILTER = 12
+SOL_NETLINK = 270
+NETLINK_CAP_ACK = 10  # error ACKs without a copy of the (possibly long) request
+ACK_TIMEOUT = 5.0  # seconds a set write waits for the kernel's ACK before it fails
+ADT_RCVBUF = 4 << 20  # room for the ACKs of a burst of concurrent writes
+SO_RCVBUFFORCE = 33  # not in Python's socket module
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 _TOOLS = {4: ("iptables", "iptables-restore"), 6: ("ip6tables", "ip6tables-restore")}
 
@@ -73,22 +73,6 @@ def _sets_of(profile: Profile) -> list[tuple[int, str, str]]:
     ]
 
 
-def _entry(w: Write, family: int) -> list[object]:
-    attrs: list[list[object]] = [
-        ["IPSET_ATTR_IP_FROM", {"attrs": [[_ADDR_ATTR[family], w.ip]]}],
-    ]
-    if w.proto:
-        attrs.append(["IPSET_ATTR_PORT_FROM", w.port])
-        attrs.append(["IPSET_ATTR_PROTO", w.proto])
-    attrs.append(["IPSET_ATTR_TIMEOUT", w.timeout])
-    if w.comment:
-        attrs.append(["IPSET_ATTR_COMMENT", w.comment[:IPSET_MAX_COMMENT]])
-    # No per-entry IPSET_ATTR_CADT_LINENO: the kernel uses it only to say which line of an
-    # `ipset restore` failed, and encoding it costs pyroute2 ~10 us per entry (measured),
-    # as much as the comment.
-    return ["IPSET_ATTR_DATA", {"attrs": attrs}]
-
-
 def ipv6_available() -> bool:
     """Whether this kernel speaks IPv6 at all (else there is no IPv6 egress to close).
 
@@ -108,6 +92,12 @@ class IptablesIpset:
 
     def __init__(self) -> None:
         self._ipset: AsyncIPSet | None = None
+        # The hot path's set writes: their own netlink socket, the ipset protocol version
+        # pyroute2 negotiated, and who waits for which ACK (allow() runs concurrently).
+        self._adt_sock: socket.socket | None = None
+        self._adt_protocol = 0
+        self._adt_seq = 0
+        self._adt_waiting: dict[int, asyncio.Future[int]] = {}
         self._lock = asyncio.Lock()  # serialises install/verify/uninstall, not allow()
         self.families = (4, 6) if ipv6_available() else (4,)
         # family -> table -> own_rules() as of the last successful apply (what verify expects)
@@ -123,7 +113,59 @@ class IptablesIpset:
             self._ipset = ipset
         return self._ipset
 
+    async def _adt_socket(self) -> socket.socket:
+        if self._adt_sock is None:
+            self._adt_protocol = (await self._sets())._proto_version
+            try:
+                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+            except OSError as err:
+                raise FirewallError(f"cannot open the ipset netlink socket: {err}") from err
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+                try:  # as root, past net.core.rmem_max; else what rmem_max allows
+                    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, ADT_RCVBUF)
+                except OSError:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, ADT_RCVBUF)
+                sock.bind((0, 0))
+                asyncio.get_running_loop().add_reader(sock.fileno(), self._adt_read)
+            except OSError as err:
+                sock.close()
+                raise FirewallError(f"cannot set up the ipset netlink socket: {err}") from err
+            self._adt_sock = sock
+        return self._adt_sock
+
+    def _adt_read(self) -> None:
+        """Hand every ACK waiting on the socket to whoever waits for it."""
+        sock = self._adt_sock
+        while sock is not None:
+            try:
+                data = sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:
+                # ENOBUFS: ACKs were dropped, nobody can tell whose; all waiters fail now
+                # rather than at their timeout (their writes may or may not have landed).
+                self._adt_fail(FirewallError(f"ipset netlink socket: {err}"))
+                return
+            for seq, code in ipsetmsg.acks(data):
+                fut = self._adt_waiting.pop(seq, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(code)
+
+    def _adt_fail(self, err: FirewallError) -> None:
+        waiting, self._adt_waiting = self._adt_waiting, {}
+        for fut in waiting.values():
+            if not fut.done():
+                fut.set_exception(err)
+
     async def close(self) -> None:
+        if self._adt_sock is not None:
+            sock, self._adt_sock = self._adt_sock, None
+            with contextlib.suppress(RuntimeError):  # no running loop: no reader either
+                asyncio.get_running_loop().remove_reader(sock.fileno())
+            sock.close()
+            self._adt_fail(FirewallError("the ipset netlink socket was closed"))
         if self._ipset is not None:
             self._ipset.close()
             self._ipset = None
@@ -250,11 +292,11 @@ class IptablesIpset:
         uses; one round trip per set instead of one per address. No NLM_F_EXCL: an
         existing entry gets the new timeout (ipset's -exist).
         """
-        await self._adt(IPSET_CMD_ADD, writes, "add")
+        await self._adt(ipsetmsg.IPSET_CMD_ADD, writes, "add")
 
     async def revoke(self, writes: Sequence[Write]) -> None:
         """Remove entries (their timeouts are ignored); entries already gone are fine."""
-        await self._adt(IPSET_CMD_DEL, writes, "del")
+        await self._adt(ipsetmsg.IPSET_CMD_DEL, writes, "del")
 
     async def _adt(self, cmd: int, writes: Sequence[Write], verb: str) -> None:
         if not writes:
@@ -262,33 +304,61 @@ class IptablesIpset:
         by_set: dict[tuple[str, int], list[Write]] = defaultdict(list)
         for w in writes:
             by_set[(w.set_name, w.family)].append(w)
-        ipset = await self._sets()
         for (name, family), ws in by_set.items():
-            msg = ipset_msg()
-            msg["attrs"] = [
-                ["IPSET_ATTR_PROTOCOL", ipset._proto_version],
-                ["IPSET_ATTR_SETNAME", name],
-                ["IPSET_ATTR_LINENO", 0],  # the kernel requires it with a list of entries
-                ["IPSET_ATTR_ADT", {"attrs": [_entry(w, family) for w in ws]}],
-            ]
+            code = await self._adt_request(cmd, name, family, ws, verb)
+            if code == 0:
+                continue
+            if cmd == ipsetmsg.IPSET_CMD_DEL and code == IPSET_ERR_EXIST:
+                # Already expired (or one of the list was): delete the rest one by one.
+                if len(ws) > 1:
+                    for w in ws:
+                        await self._adt(cmd, [w], verb)
+                continue
+            detail = (
+                "set is full (maxelem)"
+                if code == IPSET_ERR_HASH_FULL
+                else str(_IPSetError(code, cmd=cmd))  # pyroute2's words, as before
+            )
+            shown = ", ".join(w.ip for w in ws[:4]) + (
+                f" and {len(ws) - 4} more" if len(ws) > 4 else ""
+            )
+            raise FirewallError(f"ipset {verb} {shown} to {name} failed: {detail}")
+
+    async def _adt_request(
+        self, cmd: int, name: str, family: int, ws: Sequence[Write], verb: str
+    ) -> int:
+        """Send one ADD/DEL and wait for its ACK: 0, or the kernel's error code.
+
+        pyroute2 took ~105 us to encode this message, most of a fresh query's time;
+        ipsetmsg builds the same bytes in a few. The kernel handles the request inside
+        send(), so the ACK is usually there when send() returns and is read at once; else
+        the socket's reader hands it over when it arrives.
+        """
+        sock = await self._adt_socket()
+        self._adt_seq = self._adt_seq % 0xFFFFFFFF + 1
+        seq = self._adt_seq
+        try:
+            data = ipsetmsg.encode(cmd, name, family, ws, seq, protocol=self._adt_protocol)
+        except ValueError as err:
+            raise FirewallError(f"ipset {verb} to {name} failed: {err}") from err
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._adt_waiting[seq] = fut
+        try:
             try:
-                await ipset.request(
-                    msg, cmd, msg_flags=NLM_F_REQUEST | NLM_F_ACK, terminate=_nlmsg_error
-                )
-            except NetlinkError as err:
-                if cmd == IPSET_CMD_DEL and err.code == IPSET_ERR_EXIST:
-                    # Already expired (or one of the list was): delete the rest one by one.
-                    if len(ws) > 1:
-                        for w in ws:
-                            await self._adt(cmd, [w], verb)
-                    continue
-                detail = "set is full (maxelem)" if err.code == IPSET_ERR_HASH_FULL else str(err)
-                shown = ", ".join(w.ip for w in ws[:4]) + (
-                    f" and {len(ws) - 4} more" if len(ws) > 4 else ""
-                )
-                raise FirewallError(f"ipset {verb} {shown} to {name} failed: {detail}") from err
+                sock.send(data)
             except OSError as err:
                 raise FirewallError(f"ipset {verb} to {name} failed: {err}") from err
+            self._adt_read()
+            if fut.done():
+                return fut.result()
+            try:
+                return await asyncio.wait_for(fut, ACK_TIMEOUT)
+            except TimeoutError:
+                raise FirewallError(
+                    f"ipset {verb} to {name} failed: no ACK from the kernel in {ACK_TIMEOUT:g} s"
+                ) from None
+        finally:
+            self._adt_waiting.pop(seq, None)
 
     # --- rules -----------------------------------------------------------------------------
 

@@ -698,20 +698,24 @@ def cmd_udpbench(server, port, seconds, names, flags):
     lat, lost, rcodes = [], 0, {}
     end = time.monotonic() + float(seconds)
     i = 0
+    # One socket (one source port, one flow) for the whole run, as stub resolvers that keep
+    # a socket do. A new random port per query could land on a port another user's flow
+    # to the same server used moments ago: egressd then (rightly) rejects it as that
+    # user's flow, which is not what this probe measures.
+    s = socket.socket(family_of(server), socket.SOCK_DGRAM)
+    s.settimeout(timeout)
+    s.connect((server, int(port)))
     while time.monotonic() < end:
         name = names[i % len(names)]
         i += 1
         qid, wire = build_query(name, "A")
         t = time.monotonic()
         try:
-            with socket.socket(family_of(server), socket.SOCK_DGRAM) as s:
-                s.settimeout(timeout)
-                s.connect((server, int(port)))
-                s.send(wire)
-                while True:  # skip a stray reply (a late one to an earlier query)
-                    resp = s.recv(65535)
-                    if struct.unpack("!H", resp[:2])[0] == qid:
-                        break
+            s.send(wire)
+            while True:  # skip a stray reply (a late one to an earlier query)
+                resp = s.recv(65535)
+                if struct.unpack("!H", resp[:2])[0] == qid:
+                    break
             rc = rcode_name(struct.unpack("!H", resp[2:4])[0] & 0xF)
             rcodes[rc] = rcodes.get(rc, 0) + 1
             lat.append(round((time.monotonic() - t) * 1000, 2))
@@ -719,6 +723,7 @@ def cmd_udpbench(server, port, seconds, names, flags):
             lost += 1
             lat.append(round(timeout * 1000, 2))
         time.sleep(interval)
+    s.close()
     ordered = sorted(lat)
 
     def pct(p):
