@@ -122,10 +122,10 @@ _EMBEDDED_MASKS = tuple(
 )
 
 
-def _table_match(addr: IPAddress, table: tuple[Range, ...]) -> Range | None:
+def _table_match(addr: IPAddress) -> Range | None:
+    """The row of the address's own family's table that holds it."""
     value = int(addr)
-    masks = _MASKS[addr.version] if table in (V4_TABLE, V6_TABLE) else _masks(table)
-    for net, mask, row in masks:
+    for net, mask, row in _MASKS[addr.version]:
         if value & mask == net:
             return row
     return None
@@ -144,16 +144,15 @@ def classify(addr: IPAddress, local: frozenset[IPAddress] = frozenset()) -> Spec
     if addr in local:
         return Special(OWN_ADDRESS, "one of this host's own addresses", True)
     if isinstance(addr, ipaddress.IPv4Address):
-        row = _table_match(addr, V4_TABLE)
+        row = _table_match(addr)
         return Special(str(row.network), row.reason, row.host) if row else None
-    row = _table_match(addr, V6_TABLE)
+    row = _table_match(addr)
     if row is not None:
         return Special(str(row.network), row.reason, row.host)
-    v4 = embedded_ipv4(addr)
-    if v4 is None:
-        return None
     emb = _embedding(addr)
-    assert emb is not None  # embedded_ipv4 found one
+    if emb is None:
+        return None
+    v4 = _unembed(addr, emb)
     inner = classify(v4, local)
     if inner is None:
         return None
@@ -165,8 +164,10 @@ def classify(addr: IPAddress, local: frozenset[IPAddress] = frozenset()) -> Spec
 def embedded_ipv4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     """The IPv4 address an IPv6 address carries (mapped, compatible, NAT64, 6to4...)."""
     emb = _embedding(addr)
-    if emb is None:
-        return None
+    return None if emb is None else _unembed(addr, emb)
+
+
+def _unembed(addr: ipaddress.IPv6Address, emb: Embedding) -> ipaddress.IPv4Address:
     return ipaddress.IPv4Address((int(addr) >> emb.shift) & 0xFFFFFFFF)
 
 

@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from test_config import CONF, MINIMAL, parse_error, sources
+from test_config import CONF, MINIMAL, TWO_PROFILES, parse_error, sources
 
 from egressd import config as cfgmod
 from egressd.config import DEFAULT_CT_MASK, default_mark_id, mark_ids, parse
@@ -16,25 +16,14 @@ from egressd.daemon import check_ports
 from egressd.errors import ConfigError
 from egressd.firewall import iptables_ipset
 
-TWO = """\
-[profiles.agent]
-users = ["agent"]
-allow = ["example.com"]
-
-[profiles.build]
-users = ["builder"]
-allow = ["example.com"]
-port = 154
-"""
-
 
 def test_ids_are_derived_from_the_name_and_stable() -> None:
-    cfg = parse(TWO, CONF, sources())
+    cfg = parse(TWO_PROFILES, CONF, sources())
     ids = {p.name: p.mark_id for p in cfg.profiles}
     assert ids == {n: default_mark_id(n, 255) for n in ("agent", "build")}
     assert len(set(ids.values())) == 2
     # The same after a reload with profiles added or reordered.
-    reordered = TWO.split("\n\n")[1] + "\n\n" + TWO.split("\n\n")[0] + "\n"
+    reordered = TWO_PROFILES.split("\n\n")[1] + "\n\n" + TWO_PROFILES.split("\n\n")[0] + "\n"
     again = parse(reordered.replace("port = 154", "port = 154\nid = 9"), CONF, sources())
     assert {p.name: p.mark_id for p in again.profiles}["agent"] == ids["agent"]
     assert cfg.daemon.ct_mask == DEFAULT_CT_MASK == 0xFF000000
@@ -42,7 +31,9 @@ def test_ids_are_derived_from_the_name_and_stable() -> None:
 
 
 def test_explicit_id_and_collisions() -> None:
-    collide = TWO.replace("port = 154", f"port = 154\nid = {default_mark_id('agent', 255)}")
+    collide = TWO_PROFILES.replace(
+        "port = 154", f"port = 154\nid = {default_mark_id('agent', 255)}"
+    )
     err = parse_error(collide)
     assert err.key == "profiles.build.id" and "already profile agent's" in str(err)
     assert "set `id = " in str(err)
