@@ -152,6 +152,43 @@ def test_the_agent_cannot_continue_egressds_own_upstream_query(lab: Lab) -> None
     assert lab.dns.queries(qname=f"{secret}.") == []
 
 
+def test_dns_that_escaped_the_redirect_is_rejected_even_to_a_cidr(lab: Lab) -> None:
+    """An unanswered UDP flow another uid opened to a resolver is still "NEW" for its later
+    packets, but nat saw only its first one: the agent's packet from the same port goes
+    to the real resolver un-redirected. With that resolver's address in `cidrs`, only the
+    port-53 rule stops it."""
+    lab.dns.set({**BASIC, "__drop__": ["unanswered.test."]})
+    start(lab, write_config(lab, ["ok.test"], profile=f'cidrs = ["{INET_V4}/32"]'))
+    enable_ct_accounting(lab)
+    sport = free_port()
+    other = lab.agent(
+        "dnsq",
+        INET_V4,
+        53,
+        "unanswered.test",
+        "A",
+        "udp",
+        f"--sport={sport}",
+        "--timeout=0.5",
+        uid=OTHER,
+    )
+    assert not other["ok"] and other["error"] == "timeout", other  # never answered
+    assert lab.dns.queries(qname="unanswered.test.")  # but it arrived: the log works
+    before = flow(lab, "udp", INET_V4, 53, sport)
+    assert before is not None and "UNREPLIED" in before["line"], before
+
+    secret = f"escaped-{secrets.token_hex(4)}.blocked.test"
+    r = lab.agent("dnsq", INET_V4, 53, secret, "A", "udp", f"--sport={sport}", "--timeout=2")
+    assert not r["ok"], r
+    after = flow(lab, "udp", INET_V4, 53, sport)
+    assert after is not None and after["packets"] == before["packets"] + 1, (before, after)
+    time.sleep(0.3)
+    assert lab.dns.queries(qname=f"{secret}.") == []
+    # Positive twin: the CIDR itself is reachable for the agent on another port (the lab's
+    # UDP echo server also answers on INET_V4).
+    assert lab.agent("udp", INET_V4, ECHO_UDP)["ok"]
+
+
 def test_two_profiles_never_continue_each_others_flows(lab: Lab) -> None:
     lab.dns.set(BASIC)
     start(lab, two_profile_config(lab, ["ok.test"]))
