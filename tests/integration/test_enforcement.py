@@ -301,6 +301,19 @@ def test_the_hosts_own_addresses_are_not_egress(lab: Lab) -> None:
     assert served["accepted"] == [f"::ffff:{HOST_V4}"], served  # never one of the agent's
 
 
+def test_allow_loopback_opens_the_hosts_own_services_and_nothing_more(lab: Lab) -> None:
+    lab.dns.set(BASIC)
+    start(lab, write_config(lab, ["ok.test"], profile="allow_loopback = true"))
+    port = free_port()
+    t, served = serving(lab, OTHER, port, 6)
+    for ip in ("127.0.0.1", HOST_V4, HOST_V6):
+        assert lab.agent("connect", ip, port, 3).get("echo") == "hello\n", ip
+    # The outside stays closed: a never-resolved address is still rejected.
+    assert not lab.agent("connect", "203.0.113.66", 80, 3)["ok"]
+    t.join(60)
+    assert len(served["accepted"]) == 3, served
+
+
 # --- live connections ---------------------------------------------------------------------
 
 
