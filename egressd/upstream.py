@@ -1,41 +1,118 @@
-"""Forwarding to upstream resolvers.
+"""Forwarding to upstream resolvers, on plain sockets.
 
 The upstream query is rebuilt from the question alone: name, type, class IN, RD and
 egressd's own EDNS. Nothing else of the client's message (its EDNS options, additional or
-authority records, other questions, id) ever leaves the host. dnspython's asyncquery checks
-that an answer matches the query (source, id, question) and drops the rest, so nobody can
-feed egressd an answer by sending it UDP.
+authority records, other questions, id) ever leaves the host.
+
+Every UDP try has a socket of its own, connect()ed to the server: the kernel then picks a
+random source port and drops datagrams from any other address or port, so an off-path
+spoofer has to guess 16 bits of port and 16 bits of id (`secrets`) per query, as with
+dnspython before. Of what arrives, only the first datagram with QR set, the id and the
+question of the query counts; the rest is dropped and the wait goes on. The caller gets
+the answer as bytes; parsing it is dnswire's job.
+
+Identical questions in flight share one upstream resolution: a burst of clients asking
+the same name costs one upstream query (and one socket), not one each.
 """
 
 from __future__ import annotations
 
-import dns.asyncquery
-import dns.exception
-import dns.flags
-import dns.message
-import dns.name
-import dns.rcode
-import dns.rdataclass
-import dns.rdatatype
+import asyncio
+import secrets
+import socket
+import struct
+from dataclasses import dataclass
+from functools import partial
 
 from .config import Upstream
 from .errors import UpstreamError
 
 OUR_PAYLOAD = 1232
 
+Labels = tuple[bytes, ...]  # as egressd.allowlist.Labels: lower-cased, leftmost first
 
-def build_query(qname: dns.name.Name, qtype: int, rd: bool) -> dns.message.QueryMessage:
-    q = dns.message.make_query(
-        qname,
-        dns.rdatatype.RdataType(qtype),
-        dns.rdataclass.IN,
-        use_edns=0,
-        payload=OUR_PAYLOAD,
-        want_dnssec=False,
+_TC, _RD = 0x02, 0x0100  # TC in the third octet; RD in the flags word
+_SERVFAIL, _REFUSED = 2, 5
+_CLASS_IN = 1
+# The OPT record: root owner, type 41, class = our payload, TTL 0 (extended rcode 0,
+# version 0, DO clear), no options.
+_OPT = b"\x00" + struct.pack("!HHIH", 41, OUR_PAYLOAD, 0, 0)
+_HEADER = struct.Struct("!HHHHHH")
+_MAX_UDP = 65535  # we ask for 1232, but a server may send more; recv must not cut it
+
+
+def name_wire(labels: Labels) -> bytes:
+    """The name in uncompressed wire form (ValueError if it is not a valid DNS name)."""
+    parts = []
+    for label in labels:
+        if not 0 < len(label) < 64:
+            raise ValueError(f"bad label length {len(label)} in {labels!r}")
+        parts.append(len(label).to_bytes(1, "big") + label)
+    parts.append(b"\x00")
+    wire = b"".join(parts)
+    if len(wire) > 255:
+        raise ValueError(f"name longer than 255 octets: {labels!r}")
+    return wire
+
+
+def build_query(qid: int, labels: Labels, qtype: int, rd: bool) -> bytes:
+    """The upstream query: RD as given, one IN question, EDNS0 with payload 1232, no
+    options, DO clear (byte for byte what dnspython's make_query renders for this)."""
+    return _header(qid, rd) + name_wire(labels) + struct.pack("!HH", qtype, _CLASS_IN) + _OPT
+
+
+def _header(qid: int, rd: bool) -> bytes:
+    return _HEADER.pack(qid, _RD if rd else 0, 1, 0, 0, 1)
+
+
+def is_answer(wire: bytes, qid: bytes, name: bytes, typeclass: bytes) -> bool:
+    """Is *wire* a response to our query (id *qid*, question *name* + *typeclass*)?
+
+    QR set, opcode QUERY, the id, exactly one question: the name compared case-insensitively
+    (ASCII only; length octets are below 64, so lower() leaves them alone), type and class
+    exactly. *name* must be lower-cased already.
+    """
+    end = 12 + len(name)
+    return (
+        wire[:2] == qid
+        and len(wire) >= end + 4
+        and wire[2] & 0xF8 == 0x80  # QR=1, opcode 0
+        and wire[4:6] == b"\x00\x01"
+        and wire[end : end + 4] == typeclass
+        and wire[12:end].lower() == name
     )
-    if not rd:
-        q.flags &= ~dns.flags.RD
-    return q
+
+
+class BadAnswer(Exception):
+    """A TCP answer that does not answer the query (a failed try)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    upstream: Upstream
+    family: socket.AddressFamily
+    sockaddr: tuple[str, int]
+
+
+@dataclass(slots=True)
+class _Flight:
+    """One upstream resolution and the callers waiting for it."""
+
+    task: asyncio.Task[bytes]
+    waiters: int = 0
+    aborted: bool = False  # close() cancelled it: waiters get an UpstreamError
+
+
+@dataclass(frozen=True, slots=True)
+class _Question:
+    name: bytes  # wire form, lower-cased
+    typeclass: bytes  # type and class IN, as on the wire
+    rd: bool
+
+
+def _expire(fut: asyncio.Future[bytes], timeout: float) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError(f"no answer within {timeout:g} s"))
 
 
 class UpstreamResolver:
@@ -45,41 +122,157 @@ class UpstreamResolver:
         self.servers = servers
         self.timeout = timeout
         self.tries = max(tries, 1)
+        self.ignored = 0  # datagrams on our sockets that did not answer the query
         self._preferred = 0  # index of the server that answered last
+        self._targets = tuple(
+            _Target(s, socket.AF_INET6 if ":" in s.address else socket.AF_INET, (s.address, s.port))
+            for s in servers
+        )
+        self._inflight: dict[tuple[Labels, int, bool], _Flight] = {}
+        # Open UDP sockets (with their future) and TCP streams, for close().
+        self._udp: dict[socket.socket, asyncio.Future[bytes]] = {}
+        self._tcp: set[asyncio.StreamWriter] = set()
 
-    async def resolve(self, qname: dns.name.Name, qtype: int, rd: bool) -> dns.message.Message:
+    async def resolve(self, labels: Labels, qtype: int, rd: bool) -> bytes:
+        """The upstream's response message, validated; UpstreamError when none answered.
+
+        Callers asking the same question while it is in flight share the one resolution
+        and get the same bytes (or the same error). A caller that is cancelled leaves the
+        others waiting; when the last one leaves, the resolution is cancelled too.
+        """
+        key = (labels, qtype, rd)
+        flight = self._inflight.get(key)
+        if flight is None:
+            task = asyncio.get_running_loop().create_task(self._resolve(labels, qtype, rd))
+            flight = self._inflight[key] = _Flight(task)
+            task.add_done_callback(partial(self._landed, key, flight))
+        flight.waiters += 1
+        try:
+            return await asyncio.shield(flight.task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if flight.aborted and current is not None and not current.cancelling():
+                raise UpstreamError("upstream resolver closed") from None
+            raise
+        finally:
+            flight.waiters -= 1
+            if flight.waiters == 0 and not flight.task.done():
+                # Nobody waits any more: free the socket now rather than at the timeout.
+                flight.task.cancel()
+                self._forget(key, flight)
+
+    def close(self) -> None:
+        """Abort every resolution in flight and close every socket still open."""
+        for flight in list(self._inflight.values()):
+            flight.aborted = True
+            flight.task.cancel()
+        self._inflight.clear()
+        for sock, fut in list(self._udp.items()):
+            fut.get_loop().remove_reader(sock.fileno())
+            sock.close()
+            fut.cancel()
+        self._udp.clear()
+        for writer in list(self._tcp):
+            writer.close()
+        self._tcp.clear()
+
+    def _landed(
+        self, key: tuple[Labels, int, bool], flight: _Flight, task: asyncio.Task[bytes]
+    ) -> None:
+        self._forget(key, flight)
+        if not task.cancelled():
+            task.exception()  # retrieved: no "never retrieved" warning when nobody waited
+
+    def _forget(self, key: tuple[Labels, int, bool], flight: _Flight) -> None:
+        if self._inflight.get(key) is flight:
+            del self._inflight[key]
+
+    async def _resolve(self, labels: Labels, qtype: int, rd: bool) -> bytes:
         """Ask the servers in turn (per-try timeout, TCP on truncation) until one answers.
 
         SERVFAIL and REFUSED count as a failed try: another server may do better. If every
         try fails that way, the last such answer is returned (the client sees SERVFAIL).
         """
+        name = name_wire(labels)
+        q = _Question(name.lower(), struct.pack("!HH", qtype, _CLASS_IN), rd)
         last_error: Exception | None = None
-        last_bad: dns.message.Message | None = None
-        n = len(self.servers)
+        last_bad: bytes | None = None
+        n = len(self._targets)
         for attempt in range(max(self.tries, n)):
             index = (self._preferred + attempt) % n
-            server = self.servers[index]
-            query = build_query(qname, qtype, rd)
+            target = self._targets[index]
             try:
-                response, _ = await dns.asyncquery.udp_with_fallback(
-                    query,
-                    server.address,
-                    timeout=self.timeout,
-                    port=server.port,
-                    ignore_unexpected=True,
-                    ignore_errors=True,
-                )
-            except (dns.exception.DNSException, OSError, EOFError) as err:
+                wire = await self._udp_try(target, q)
+                if wire[2] & _TC:
+                    wire = await self._tcp_try(target, q)
+            except (OSError, EOFError, BadAnswer) as err:
                 last_error = err
                 continue
-            if response.rcode() in (dns.rcode.SERVFAIL, dns.rcode.REFUSED):
-                last_bad = response
+            if wire[3] & 0x0F in (_SERVFAIL, _REFUSED):
+                last_bad = wire
                 continue
             self._preferred = index
-            return response
+            return wire
         if last_bad is not None:
             return last_bad
         raise UpstreamError(
             f"no answer from {', '.join(str(s) for s in self.servers)}: "
             f"{type(last_error).__name__}: {last_error}"
         )
+
+    async def _udp_try(self, target: _Target, q: _Question) -> bytes:
+        loop = asyncio.get_running_loop()
+        query = _header(secrets.randbits(16), q.rd) + q.name + q.typeclass + _OPT
+        sock = socket.socket(target.family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        fd = sock.fileno()
+        fut: asyncio.Future[bytes] = loop.create_future()
+        self._udp[sock] = fut
+        try:
+            sock.connect(target.sockaddr)  # numeric address: no lookup
+            sock.send(query)
+            loop.add_reader(fd, self._readable, sock, fut, query[:2], q)
+            timer = loop.call_later(self.timeout, _expire, fut, self.timeout)
+            try:
+                return await fut
+            finally:
+                timer.cancel()
+        finally:
+            # close() may have closed it already (and the fd number may be reused since).
+            if self._udp.pop(sock, None) is not None:
+                loop.remove_reader(fd)
+                sock.close()
+
+    def _readable(
+        self, sock: socket.socket, fut: asyncio.Future[bytes], qid: bytes, q: _Question
+    ) -> None:
+        if fut.done():  # answered; the reader goes when the waiting coroutine resumes
+            return
+        while True:
+            try:
+                wire = sock.recv(_MAX_UDP)
+            except BlockingIOError:
+                return
+            except OSError as err:  # an ICMP error (port unreachable): this try failed
+                fut.set_exception(err)
+                return
+            if is_answer(wire, qid, q.name, q.typeclass):
+                fut.set_result(wire)
+                return
+            self.ignored += 1
+
+    async def _tcp_try(self, target: _Target, q: _Question) -> bytes:
+        """The same question over TCP (after a truncated UDP answer; rare)."""
+        query = _header(secrets.randbits(16), q.rd) + q.name + q.typeclass + _OPT
+        async with asyncio.timeout(self.timeout):
+            reader, writer = await asyncio.open_connection(*target.sockaddr)
+            self._tcp.add(writer)
+            try:
+                writer.write(len(query).to_bytes(2, "big") + query)
+                size = int.from_bytes(await reader.readexactly(2), "big")
+                wire = await reader.readexactly(size)
+            finally:
+                self._tcp.discard(writer)
+                writer.close()
+        if not is_answer(wire, query[:2], q.name, q.typeclass):
+            raise BadAnswer(f"TCP answer from {target.upstream} does not match the query")
+        return wire
