@@ -24,10 +24,9 @@ from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-unty
 
 from ..config import Profile
 from ..errors import FirewallError
-from ..ledger import Write
 from ..policy import Policy
 from . import ipsetmsg, marks, rules
-from .base import Found
+from .base import Found, Write
 
 SET_PREFIX = "egressd-"
 RESIZE_SUFFIX = "-new"  # "egressd-" + 15-char profile + "-v4" + this = 30 <= 31 characters
@@ -46,6 +45,9 @@ ADT_RCVBUF = 4 << 20  # room for the ACKs of a burst of concurrent writes
 SO_RCVBUFFORCE = 33  # not in Python's socket module
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 _TOOLS = {4: ("iptables", "iptables-restore"), 6: ("ip6tables", "ip6tables-restore")}
+# The OUTPUT jumps of one family: (table, chain) missing; (table, chain) -> copies where the
+# jump is not (only) the first rule.
+_Jumps = tuple[list[tuple[str, str]], dict[tuple[str, str], int]]
 
 
 async def _run(argv: Sequence[str], stdin: str | None = None) -> tuple[int, str, str]:
@@ -362,7 +364,7 @@ class IptablesIpset:
 
     # --- rules -----------------------------------------------------------------------------
 
-    async def _jumps(self, family: int) -> tuple[list[tuple[str, str]], dict[tuple[str, str], int]]:
+    async def _jumps(self, family: int) -> _Jumps:
         """Which OUTPUT jumps are missing, and which are not (only) the first rule.
 
         A foreign rule above egressd's jump (an ACCEPT, say) would let the users out, so
@@ -371,8 +373,11 @@ class IptablesIpset:
         tool = _TOOLS[family][0]
         missing: list[tuple[str, str]] = []
         stale: dict[tuple[str, str], int] = {}
-        for table, chain in rules.JUMPS:
-            rc, out, err = await _run([tool, "-w", "-t", table, "-S", "OUTPUT"])
+        # Both tables at once: this is on the way to READY (and to every repair).
+        results = await asyncio.gather(
+            *(_run([tool, "-w", "-t", table, "-S", "OUTPUT"]) for table, _ in rules.JUMPS)
+        )
+        for (table, chain), (rc, out, err) in zip(rules.JUMPS, results, strict=True):
             if rc != 0:
                 raise FirewallError(f"{tool} -t {table} -S OUTPUT failed: {err.strip()}")
             lines = [ln for ln in out.splitlines() if ln.startswith("-A OUTPUT")]
@@ -390,23 +395,18 @@ class IptablesIpset:
         rc, out, err = await _run([tool, "-w", "-t", table, "-S"])
         if rc != 0:
             raise FirewallError(f"{tool} -t {table} -S failed: {err.strip()}")
-        chains, jumps = [], []
-        for line in out.splitlines():
-            parts = line.split()
-            if parts[:1] == ["-N"] and parts[1].startswith(rules.CHAIN_PREFIX):
-                chains.append(parts[1])
-            elif (
-                parts[:2] == ["-A", "OUTPUT"]
-                and parts[-2:-1] == ["-j"]
-                and parts[-1].startswith(rules.CHAIN_PREFIX)
-            ):
-                jumps.append(" ".join(parts[2:]))
-        return chains, jumps
+        return own_chains(out)
 
-    async def _apply(self, policy: Policy, family: int) -> None:
+    async def _apply(
+        self,
+        policy: Policy,
+        family: int,
+        jumps: _Jumps | None = None,
+    ) -> None:
+        """jumps: what _jumps(family) just said, if nothing was written since."""
         profiles = policy.config.profiles
         fam = rules.V4 if family == 4 else rules.V6
-        missing, stale = await self._jumps(family)
+        missing, stale = jumps if jumps is not None else await self._jumps(family)
         text = rules.render(
             profiles,
             fam,
@@ -417,10 +417,14 @@ class IptablesIpset:
         )
         await self._restore(family, text, "rules")
         # Profiles removed by a reload leave chains nobody jumps to any more; drop them.
+        # One listing serves both: the chains to drop and, when there are none (every
+        # start but after such a reload), verify's snapshot.
         wanted = rules.chains(profiles)
         tool = _TOOLS[family][0]
+        listing = await self._listing(family)
+        cleaned = False
         for table in ("filter", "nat"):
-            chains, _ = await self._chains(family, table)
+            chains, _ = own_chains(listing[table])
             gone = [c for c in chains if c not in wanted[table]]
             # All flushed before any is deleted: a profile chain jumps to its admit and
             # reject chains, which cannot be deleted while it still refers to them.
@@ -428,8 +432,10 @@ class IptablesIpset:
                 await _run([tool, "-w", "-t", table, "-F", chain])
             for chain in gone:
                 await _run([tool, "-w", "-t", table, "-X", chain])
+            cleaned = cleaned or bool(gone)
+        if cleaned:
+            listing = await self._listing(family)
         # What verify compares with: egressd's rules as iptables prints them now.
-        listing = await self._listing(family)
         self._applied[family] = {table: own_rules(text) for table, text in listing.items()}
 
     async def lock(self, policy: Policy) -> None:
@@ -437,22 +443,36 @@ class IptablesIpset:
         async with self._lock:
             await self._lock_unguarded(policy)
 
-    async def _lock_unguarded(self, policy: Policy) -> None:
+    async def _lock_unguarded(self, policy: Policy) -> dict[int, _Jumps | None]:
+        """Per family: its jumps as found when nothing was written, else None."""
         # Where egressd's filter jump is missing (a first start, a foreign flush), every
         # family first gets a deny-all for the users, then its full rules: if a later
         # restore fails (or the start is refused), that family stays closed, never open.
+        # The families are independent: locked at the same time.
+        results = await asyncio.gather(
+            *(self._lock_family(policy, f) for f in self.families), return_exceptions=True
+        )
         errors = []
-        for family in self.families:
-            try:
-                missing, _ = await self._jumps(family)
-                if ("filter", rules.FILTER_CHAIN) in missing:
-                    fam = rules.V4 if family == 4 else rules.V6
-                    text = rules.render_lock(policy.config.profiles, fam, add_jump=True)
-                    await self._restore(family, text, "deny-all")
-            except FirewallError as err:
-                errors.append(str(err))  # try the other family all the same
+        found: dict[int, _Jumps | None] = {}
+        for family, result in zip(self.families, results, strict=True):
+            if isinstance(result, FirewallError):
+                errors.append(str(result))  # the other family was tried all the same
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                found[family] = result
         if errors:
             raise FirewallError("; ".join(errors))
+        return found
+
+    async def _lock_family(self, policy: Policy, family: int) -> _Jumps | None:
+        missing, stale = await self._jumps(family)
+        if ("filter", rules.FILTER_CHAIN) not in missing:
+            return missing, stale
+        fam = rules.V4 if family == 4 else rules.V6
+        text = rules.render_lock(policy.config.profiles, fam, add_jump=True)
+        await self._restore(family, text, "deny-all")
+        return None  # the jumps changed: _apply lists them again
 
     async def _restore(self, family: int, text: str, what: str) -> None:
         restore = _TOOLS[family][1]
@@ -464,14 +484,19 @@ class IptablesIpset:
         """Rules of other software that write the conntrack mark bits egressd owns."""
         mask = policy.config.daemon.ct_mask
         found: list[str] = []
-        for family in self.families:
-            tool = _TOOLS[family][0] + "-save"
-            rc, out, err = await _run([tool])
+        tools = [_TOOLS[family][0] + "-save" for family in self.families]
+        nft = shutil.which("nft") is not None
+        # All dumps at once: they only read, and this is on the way to READY.
+        dumps = [_run([tool]) for tool in tools]
+        if nft:
+            dumps.append(_run(["nft", "-j", "list", "ruleset"]))
+        results = await asyncio.gather(*dumps)
+        for tool, (rc, out, err) in zip(tools, results, strict=False):
             if rc != 0:
                 raise FirewallError(f"{tool} failed: {err.strip()}")
             found += marks.iptables_writers(out, mask)
-        if shutil.which("nft"):
-            rc, out, _ = await _run(["nft", "-j", "list", "ruleset"])
+        if nft:
+            rc, out, _ = results[-1]
             if rc == 0:  # no nft support in this kernel: nothing native to clash with
                 found += marks.nft_writers(out, mask)
         return list(dict.fromkeys(found))
@@ -485,9 +510,17 @@ class IptablesIpset:
             for p in policy.config.profiles:
                 for family, name, stype in _sets_of(p):
                     found[name] = await self._ensure_set(name, stype, family, g.maxelem)
-            await self._lock_unguarded(policy)
-            for family in self.families:
-                await self._apply(policy, family)
+            jumps = await self._lock_unguarded(policy)
+            # Every family is closed (or was already) before any gets its full rules; the
+            # families' restores are independent, so they run at the same time. Each is
+            # awaited: a family whose restore failed stays as it was (closed).
+            results = await asyncio.gather(
+                *(self._apply(policy, f, jumps.get(f)) for f in self.families),
+                return_exceptions=True,
+            )
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
             wanted_sets = set(found)
             for name in await self._set_names():
                 if name not in wanted_sets:
@@ -606,6 +639,22 @@ class IptablesIpset:
 
 
 # --- verify's comparisons (pure) -----------------------------------------------------------
+
+
+def own_chains(text: str) -> tuple[list[str], list[str]]:
+    """egressd's chains in one table's `iptables -S`, and the OUTPUT rules jumping to them."""
+    chains, jumps = [], []
+    for line in text.splitlines():
+        parts = line.split()
+        if parts[:1] == ["-N"] and parts[1].startswith(rules.CHAIN_PREFIX):
+            chains.append(parts[1])
+        elif (
+            parts[:2] == ["-A", "OUTPUT"]
+            and parts[-2:-1] == ["-j"]
+            and parts[-1].startswith(rules.CHAIN_PREFIX)
+        ):
+            jumps.append(" ".join(parts[2:]))
+    return chains, jumps
 
 
 def _target(parts: Sequence[str]) -> str:

@@ -286,3 +286,39 @@ def test_run_passes_stdin_and_returns_code_and_both_streams() -> None:
         iptables_ipset._run(["/bin/sh", "-c", "cat; echo oops >&2; exit 3"], stdin="hello\n")
     )
     assert (rc, out, err) == (3, "hello\n", "oops\n")
+
+
+# --- the way to READY: independent commands at the same time ------------------------------------
+
+
+def test_start_path_runs_independent_commands_concurrently(
+    fake_run: FakeRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mark dumps together, both families' listings together, both restores together;
+    the deny-all of a family still comes before its rules. (READY within 300 ms.)"""
+    monkeypatch.setattr(iptables_ipset.shutil, "which", lambda name: f"/usr/sbin/{name}")
+    inflight: list[int] = [0]
+    rounds: list[list[tuple[str, ...]]] = []
+
+    async def slow(argv: Sequence[str], stdin: str | None = None) -> Reply:
+        if inflight[0] == 0:
+            rounds.append([])
+        inflight[0] += 1
+        rounds[-1].append(tuple(argv[:1]) + tuple(argv[3:4]))
+        await asyncio.sleep(0.01)
+        inflight[0] -= 1
+        return await fake_run(argv, stdin)
+
+    monkeypatch.setattr(iptables_ipset, "_run", slow)
+    fw = backend(4, 6)
+    asyncio.run(fw.mark_clashes(policy("agent")))
+    assert [r[0] for r in rounds[0]] == ["iptables-save", "ip6tables-save", "nft"]
+    assert len(rounds) == 1
+    rounds.clear()
+    # A first start: no jumps anywhere, so each family is locked, then gets its rules.
+    asyncio.run(fw._lock_unguarded(policy("agent")))
+    assert len(rounds) == 2
+    assert sorted(rounds[0]) == sorted(
+        [(t, tb) for t in ("iptables", "ip6tables") for tb in ("filter", "nat")]
+    )
+    assert sorted(rounds[1]) == [("ip6tables-restore",), ("iptables-restore",)]
