@@ -81,6 +81,19 @@ class GrantSettings:
     maxelem: int = 65536
 
 
+@functools.cache
+def set_name(profile: str, family: int, ports: bool) -> str:
+    """The ipset of a profile's grants: every port (``-v4``/``-v6``, hash:ip) or only
+    some (``-p4``/``-p6``, hash:ip,port). Cached: one string object per set, however
+    many grants name it."""
+    return f"egressd-{profile}-{'p' if ports else 'v'}{family}"
+
+
+def profile_of(set_name: str) -> str:
+    """ "egressd-agent-p4" -> "agent" (the reverse of ``set_name``)."""
+    return set_name[len("egressd-") : -3]
+
+
 @dataclass(frozen=True, slots=True)
 class Profile:
     name: str
@@ -110,26 +123,24 @@ class Profile:
 
     @property
     def set4(self) -> str:
-        return f"egressd-{self.name}-v4"
+        return set_name(self.name, 4, False)
 
     @property
     def set6(self) -> str:
-        return f"egressd-{self.name}-v6"
+        return set_name(self.name, 6, False)
 
     # Grants limited to ports (a line's `ports=`, or the profile's `ports`): hash:ip,port
     # sets, one entry per address, protocol and port.
     @property
     def pset4(self) -> str:
-        return f"egressd-{self.name}-p4"
+        return set_name(self.name, 4, True)
 
     @property
     def pset6(self) -> str:
-        return f"egressd-{self.name}-p6"
+        return set_name(self.name, 6, True)
 
     def set_for(self, family: int, ports: bool) -> str:
-        if ports:
-            return self.pset4 if family == 4 else self.pset6
-        return self.set4 if family == 4 else self.set6
+        return set_name(self.name, family, ports)
 
 
 @dataclass(frozen=True, slots=True)

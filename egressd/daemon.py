@@ -268,7 +268,6 @@ class Daemon:
                     tcp_idle_timeout=d.tcp_idle_timeout,
                     tcp_max_connections=d.tcp_max_connections,
                     ipv6=ipv6_available(),
-                    quick=self.pipeline.quick,  # blocked UDP queries without dnspython
                 )
                 await lst.start()
                 self.listeners[port] = lst
@@ -457,8 +456,12 @@ class Daemon:
             window = time.monotonic() - (detected if since is None else since)
             self.stats.repairs += 1
             if any(p.startswith("set ") for p in problems):
-                # A re-created set is empty: grants must be written again.
+                # A re-created set is empty: grants must be written again, also for
+                # answers in the cache (a hit skips the grant while the ledger says the
+                # entries last).
                 self.ledger.forget()
+                if self.pipeline is not None:
+                    self.pipeline.cache.clear()
             self.report(Repaired("; ".join(problems), round(window * 1000)))
         if sets:
             await self._recheck_marks()

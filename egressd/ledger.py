@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .allowlist import Labels
-from .config import GrantSettings, Profile
-
-TCP, UDP = 6, 17  # IP protocol numbers, as hash:ip,port entries carry them
-
-Key = tuple[str, str, int, int]  # (set name, ip, proto, port); proto = port = 0: every port
+from .config import GrantSettings, profile_of, set_name
+from .firewall.base import TCP, UDP, Key, Write, family_of
 
 
 def grant_timeout(ttl: int, settings: GrantSettings) -> int:
@@ -37,43 +34,6 @@ def grant_timeout(ttl: int, settings: GrantSettings) -> int:
     return max(settings.floor, min(ttl, settings.ceiling)) + settings.grace
 
 
-@dataclass(frozen=True, slots=True)
-class Write:
-    """One kernel write: add ``ip`` to ``set_name`` with ``timeout`` seconds.
-
-    ``proto``/``port`` are 0 for a hash:ip set (every port), else the entry of a
-    hash:ip,port set (``ip,tcp:443``).
-    """
-
-    set_name: str
-    family: int
-    ip: str
-    timeout: int
-    proto: int = 0
-    port: int = 0
-    # The allowed name that justified the entry, kept in the kernel entry's comment, so
-    # a restarted egressd still knows why it is there (and a reload can judge it).
-    comment: str = field(default="", compare=False)
-
-    @property
-    def key(self) -> Key:
-        return (self.set_name, self.ip, self.proto, self.port)
-
-
-def entries_for(
-    profile: Profile, ip: str, family: int, ports: Sequence[int], name: str = ""
-) -> list[Write]:
-    """The set entries (timeout 0, to be filled in) that grant ``ip`` on ``ports``.
-
-    No ports: one entry of the every-port set. Else one hash:ip,port entry per port and
-    protocol (TCP and UDP). ``name`` (the allowed name) becomes the entries' comment.
-    """
-    if not ports:
-        return [Write(profile.set_for(family, False), family, ip, 0, comment=name)]
-    s = profile.set_for(family, True)
-    return [Write(s, family, ip, 0, proto, port, name) for port in ports for proto in (TCP, UDP)]
-
-
 def name_of(labels: Labels) -> str:
     return b".".join(labels).decode("ascii", errors="replace")
 
@@ -82,38 +42,73 @@ def labels_from(name: str) -> Labels:
     return tuple(label.lower() for label in name.encode("ascii", errors="replace").split(b"."))
 
 
-def profile_of(set_name: str) -> str:
-    """ "egressd-agent-p4" -> "agent" (the sets' names, see config.Profile.set_for)."""
-    return set_name[len("egressd-") : -3]
-
-
 @dataclass(slots=True)
 class Reason:
-    """One allowed name's answers in one profile: what they justify, until when."""
+    """One allowed name's answers in one profile: what they justify, until when.
+
+    The set entries it justifies follow from its addresses and ports (``keys``); they are
+    not stored, nor are the name's labels: a ledger holds one of these per live name, so
+    each byte counts (docs/design.md, "The hot path").
+    """
 
     profile: str
-    labels: Labels  # the queried name
+    name: str  # the queried name, as in the set entries' comments
     chain: tuple[Labels, ...]  # its CNAME targets (a deny line on one revokes the name)
     ports: tuple[int, ...]  # the ports its allowlist line gave (empty: every port)
-    addrs: dict[tuple[str, int], float]  # (ip, family) -> expiry
-    keys: set[Key]  # the set entries it granted
+    addrs: dict[str, float]  # ip -> expiry
+
+    @property
+    def labels(self) -> Labels:
+        return labels_from(self.name)
+
+    def keys(self) -> list[Key]:
+        """The set entries this reason's addresses were granted as."""
+        ports = self.ports
+        out: list[Key] = []
+        for ip in self.addrs:
+            family = family_of(ip)
+            if not ports:
+                out.append((set_name(self.profile, family, False), ip, 0, 0))
+            else:
+                s = set_name(self.profile, family, True)
+                out.extend((s, ip, proto, port) for port in ports for proto in (TCP, UDP))
+        return out
 
 
-# What a reload's policy says of a reason: None (no longer allowed), or the ports it now
-# gets and the entries that grants (per address; an address missing is not granted).
+# What a reload's policy says of a reason: None (no longer allowed), or the entries it
+# now grants (per address and port; an address missing is no longer granted).
 Judge = Callable[[Reason], "Sequence[Write] | None"]
+
+# Entries of one set: ip (hash:ip) or (ip, proto, port) (hash:ip,port) -> expiry.
+_Entries = dict[str | tuple[str, int, int], float]
+
+
+def _sub(key: Key) -> str | tuple[str, int, int]:
+    _, ip, proto, port = key
+    return (ip, proto, port) if proto else ip
 
 
 class Ledger:
-    __slots__ = ("_expiry", "_reasons")
+    __slots__ = ("_reasons", "_sets")
 
     def __init__(self) -> None:
-        self._expiry: dict[Key, float] = {}
-        self._reasons: dict[tuple[str, Labels], Reason] = {}
+        # Per set: entry -> expiry. Nested rather than keyed by Key tuples, to keep a grant
+        # small (the set name is shared, an every-port entry is its address alone).
+        self._sets: dict[str, _Entries] = {}
+        # Per profile: allowed name -> its reason.
+        self._reasons: dict[str, dict[str, Reason]] = {}
+
+    def _expiry(self, key: Key) -> float | None:
+        entries = self._sets.get(key[0])
+        return None if entries is None else entries.get(_sub(key))
 
     def remaining(self, key: Key, now: float) -> float:
-        exp = self._expiry.get(key)
+        exp = self._expiry(key)
         return 0.0 if exp is None else max(0.0, exp - now)
+
+    def until(self, keys: Iterable[Key]) -> float:
+        """When the first of ``keys`` runs out (0 if one is not granted)."""
+        return min((self._expiry(k) or 0.0 for k in keys), default=0.0)
 
     def plan(
         self, entries: Iterable[tuple[Write, int]], settings: GrantSettings, now: float
@@ -147,34 +142,43 @@ class Ledger:
             )
         return list(out.values())
 
+    def _set(self, key: Key, exp: float) -> None:
+        entries = self._sets.get(key[0])
+        if entries is None:
+            entries = self._sets[key[0]] = {}
+        sub = _sub(key)
+        old = entries.get(sub)
+        if old is None or old < exp:
+            entries[sub] = exp
+
     def commit(self, writes: Iterable[Write], now: float) -> None:
         """Record writes the kernel has accepted."""
         for w in writes:
-            key = w.key
-            self._expiry[key] = max(self._expiry.get(key, 0.0), now + w.timeout)
+            self._set(w.key, now + w.timeout)
 
     def justify(self, reason: Reason) -> None:
         """Remember (or re-arm) why a name's addresses are granted."""
-        rid = (reason.profile, reason.labels)
-        old = self._reasons.get(rid)
+        names = self._reasons.get(reason.profile)
+        if names is None:
+            names = self._reasons[reason.profile] = {}
+        old = names.get(reason.name)
         if old is not None:
-            for addr, exp in old.addrs.items():
-                if exp > reason.addrs.get(addr, 0.0):
-                    reason.addrs[addr] = exp
-            reason.keys |= old.keys
-        self._reasons[rid] = reason
+            for ip, exp in old.addrs.items():
+                if exp > reason.addrs.get(ip, 0.0):
+                    reason.addrs[ip] = exp
+        names[reason.name] = reason
 
     def knows(self, reason: Reason) -> bool:
         """Whether a reason adds nothing: recorded already, for these entries, as long.
 
         Checked when a repeat answer needs no kernel write (the entries' grants still last
-        long enough), so a cache hit costs a few dict look-ups, not a merge.
+        long enough), so a repeat costs a few dict look-ups, not a merge.
         """
-        old = self._reasons.get((reason.profile, reason.labels))
-        if old is None or not reason.keys <= old.keys or old.ports != reason.ports:
+        old = self._reasons.get(reason.profile, {}).get(reason.name)
+        if old is None or old.ports != reason.ports:
             return False
         slack = 60.0  # an expiry this close to the recorded one changes nothing a reload does
-        return all(old.addrs.get(a, 0.0) >= exp - slack for a, exp in reason.addrs.items())
+        return all(old.addrs.get(ip, 0.0) >= exp - slack for ip, exp in reason.addrs.items())
 
     def load(self, entries: Iterable[Write], now: float) -> None:
         """Take over grants found in the kernel after a restart (timeout = seconds left).
@@ -184,51 +188,50 @@ class Ledger:
         without one (written by an older egressd) is kept until it expires.
         """
         for w in entries:
-            key = w.key
             exp = now + w.timeout
-            self._expiry[key] = max(self._expiry.get(key, 0.0), exp)
+            self._set(w.key, exp)
             if not w.comment:
                 continue
-            rid = (profile_of(w.set_name), labels_from(w.comment))
-            r = self._reasons.get(rid)
+            profile = profile_of(w.set_name)
+            names = self._reasons.setdefault(profile, {})
+            r = names.get(w.comment)
             if r is None:
-                r = self._reasons[rid] = Reason(rid[0], rid[1], (), (), {}, set())
-            addr = (w.ip, w.family)
-            r.addrs[addr] = max(r.addrs.get(addr, 0.0), exp)
-            r.keys.add(key)
+                r = names[w.comment] = Reason(profile, w.comment, (), (), {})
+            r.addrs[w.ip] = max(r.addrs.get(w.ip, 0.0), exp)
             if w.port and w.port not in r.ports:
                 r.ports = tuple(sorted((*r.ports, w.port)))
 
     def forget(self, set_name: str | None = None) -> None:
         """Drop knowledge of a set (it was flushed or re-created behind our back)."""
         if set_name is None:
-            self._expiry.clear()
-            return
-        for key in [k for k in self._expiry if k[0] == set_name]:
-            del self._expiry[key]
+            self._sets.clear()
+        else:
+            self._sets.pop(set_name, None)
 
     def live(self, set_name: str, now: float) -> int:
-        return sum(1 for k, exp in self._expiry.items() if k[0] == set_name and exp > now)
+        return sum(1 for exp in self._sets.get(set_name, {}).values() if exp > now)
 
     def names(self, key: Key, now: float) -> list[str]:
         """The names whose live answers justify an entry (for `grants`, attribution)."""
-        out = []
-        for r in self._reasons.values():
-            exp = r.addrs.get((key[1], 4 if ":" not in key[1] else 6), 0.0)
-            if exp > now:
-                out.append(name_of(r.labels))
-        return sorted(out)
+        profile = profile_of(key[0])
+        return sorted(
+            r.name
+            for r in self._reasons.get(profile, {}).values()
+            if r.addrs.get(key[1], 0.0) > now
+        )
 
     def prune(self, now: float) -> int:
         """Forget expired grants and reasons; returns how many grants."""
-        dead = [k for k, exp in self._expiry.items() if exp <= now]
-        for k in dead:
-            del self._expiry[k]
-        for rid in [
-            rid for rid, r in self._reasons.items() if max(r.addrs.values(), default=0) <= now
-        ]:
-            del self._reasons[rid]
-        return len(dead)
+        dead = 0
+        for entries in self._sets.values():
+            gone = [sub for sub, exp in entries.items() if exp <= now]
+            for sub in gone:
+                del entries[sub]
+            dead += len(gone)
+        for names in self._reasons.values():
+            for name in [n for n, r in names.items() if max(r.addrs.values(), default=0) <= now]:
+                del names[name]
+        return dead
 
     def reconcile(
         self, judge: Judge, live_sets: Iterable[str], now: float
@@ -246,38 +249,41 @@ class Ledger:
         sets = set(live_sets)
         justified_before: set[Key] = set()
         desired: dict[Key, tuple[Write, float]] = {}
-        kept: dict[tuple[str, Labels], Reason] = {}
-        for rid, r in self._reasons.items():
-            justified_before |= r.keys
-            entries = judge(r)
-            if entries is None:
-                continue
-            r.keys = {e.key for e in entries}
-            for e in entries:
-                exp = r.addrs.get((e.ip, e.family), 0.0)
-                if exp <= now:
+        for names in self._reasons.values():
+            for name, r in list(names.items()):
+                justified_before.update(r.keys())
+                entries = judge(r)
+                if entries is None:
+                    del names[name]
                     continue
-                prev = desired.get(e.key)
-                if prev is None or prev[1] < exp:
-                    desired[e.key] = (e, exp)
-            kept[rid] = r
-        self._reasons = kept
+                # What it justifies from now on: the addresses and ports judged.
+                r.addrs = {ip: exp for ip, exp in r.addrs.items() if ip in {e.ip for e in entries}}
+                r.ports = tuple(sorted({e.port for e in entries if e.port}))
+                for e in entries:
+                    exp = r.addrs.get(e.ip, 0.0)
+                    if exp <= now:
+                        continue
+                    prev = desired.get(e.key)
+                    if prev is None or prev[1] < exp:
+                        desired[e.key] = (e, exp)
 
         adds: list[Write] = []
         for key, (e, exp) in desired.items():
-            have = self._expiry.get(key)
+            have = self._expiry(key)
             # Missing, or granted for longer than anything still justifies (a revoked
             # name had extended it): write it with the justified timeout.
             if have is None or have > exp + 1:
                 timeout = max(1, math.ceil(exp - now))
                 adds.append(Write(e.set_name, e.family, e.ip, timeout, e.proto, e.port, e.comment))
-                self._expiry[key] = exp
+                self._sets.setdefault(key[0], {})[_sub(key)] = exp
         removes: list[Write] = []
-        for key in list(self._expiry):
-            if key in desired or key not in justified_before:
-                continue  # still justified, or taken over from the kernel (unknown reason)
-            del self._expiry[key]
-            if key[0] in sets:
-                set_name, ip, proto, port = key
-                removes.append(Write(set_name, 4 if ":" not in ip else 6, ip, 0, proto, port))
+        for set_name_, entries_ in self._sets.items():
+            for sub in list(entries_):
+                key = (set_name_, sub, 0, 0) if isinstance(sub, str) else (set_name_, *sub)
+                if key in desired or key not in justified_before:
+                    continue  # still justified, or taken over from the kernel (unknown reason)
+                del entries_[sub]
+                if set_name_ in sets:
+                    _, ip, proto, port = key
+                    removes.append(Write(set_name_, family_of(ip), ip, 0, proto, port))
         return adds, removes

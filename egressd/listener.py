@@ -7,10 +7,11 @@ to take its own resolver away (docs/design.md, "Listener defences"):
 - TCP: when a listener is full, a new connection closes the oldest idle one (no query in
   progress); one timer per message (trickling does not renew it), a whole-connection
   deadline, and a bounded write, so no client pins a slot.
-- UDP: a blocked query is answered by ``Pipeline.quick`` without dnspython; any other
-  query runs in the read callback until it has to wait, and only then becomes a task.
-  asyncio reads one datagram per readable socket per loop turn: each profile's listener
-  is served in turn, and a flood fills (and overflows) only its own socket's queue.
+- UDP: each readable event reads a bounded batch of datagrams; each query runs in the
+  read callback until it has to wait, and only then becomes a task. At the bound of
+  queries in flight, only what needs no waiting (blocked names, cache hits) is answered.
+  Each profile's listener is served in turn, and a flood fills (and overflows) only its
+  own socket's queue.
 """
 
 from __future__ import annotations
@@ -20,20 +21,24 @@ import contextlib
 import errno
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Awaitable, Coroutine, Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-import dns.message
-
-from . import replies
 from .stats import Stats
 
-Handler = Callable[[bytes, int, str], Awaitable[dns.message.Message | None]]
-# The cheap blocked path (Pipeline.quick): the reply's bytes, or None for the handler.
-Quick = Callable[[bytes, int, str], bytes | None]
+
+class Handler(Protocol):
+    """Pipeline.handle: the reply to one message (None: drop it)."""
+
+    def __call__(
+        self, wire: bytes, port: int, client: str, *, udp: bool, wait: bool
+    ) -> Awaitable[bytes | None]: ...
+
 
 MAX_TCP_MESSAGE = 65535
+MAX_UDP_MESSAGE = 65535
+UDP_BATCH = 64  # datagrams read per readable event of one socket
 # The whole-connection deadline: a TCP client gets this long in all, however it paces its
 # bytes; then the connection is closed after the reply in progress (if any). Generous for
 # a stub resolver that reuses one connection for a burst of lookups.
@@ -48,47 +53,55 @@ class _Conn:
     busy: bool = False
 
 
-class _UDP(asyncio.DatagramProtocol):
-    def __init__(self, listener: Listener) -> None:
+class _UDP:
+    """One UDP socket, read directly: every readable event drains up to UDP_BATCH datagrams.
+
+    asyncio's datagram transport reads one datagram per readable event, a loop turn each;
+    reading a batch per turn is most of what a flood of cheap (blocked, cached) queries
+    costs less this way. The batch is bounded, so each profile's socket is served in turn.
+    """
+
+    def __init__(self, listener: Listener, sock: socket.socket) -> None:
         self.listener = listener
-        self.transport: asyncio.DatagramTransport | None = None
+        self.sock = sock
+        self.closed = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment,unused-ignore]
-
-    def datagram_received(
-        self, data: bytes, addr: tuple[str, int] | tuple[str, int, int, int]
-    ) -> None:
+    def readable(self) -> None:
         lst = self.listener
-        client = f"udp:{addr[0]}:{addr[1]}"
-        if lst.quick is not None:
-            # First, and even when the queries in flight are at their bound: a blocked
-            # query costs a few microseconds here and never waits.
+        sock = self.sock
+        for _ in range(UDP_BATCH):
             try:
-                wire = lst.quick(data, lst.port, client)
-            except Exception:  # noqa: BLE001 - a bug there: the full path answers instead
-                lst.stats.internal_errors += 1
-                wire = None
-            if wire is not None:
-                if self.transport is not None and not self.transport.is_closing():
-                    self.transport.sendto(wire, addr)  # a blocked reply: always under 512
+                data, addr = sock.recvfrom(MAX_UDP_MESSAGE)
+            except (BlockingIOError, InterruptedError):
                 return
-        if lst.inflight >= lst.max_inflight:
-            lst.stats.dropped_busy += 1  # the client retries; better than queueing forever
-            return
-        lst.run(self._answer(data, addr, client))
+            except OSError:
+                continue  # an ICMP error of an earlier reply: nothing to do
+            client = f"udp:{addr[0]}:{addr[1]}"
+            # At the bound of queries in flight, only what needs no waiting is answered
+            # (blocked names, refusals, cache hits): a blocked query never waits.
+            lst.run(self._answer(data, addr, client, lst.inflight < lst.max_inflight))
 
     async def _answer(
-        self, data: bytes, addr: tuple[str, int] | tuple[str, int, int, int], client: str
+        self,
+        data: bytes,
+        addr: tuple[str, int] | tuple[str, int, int, int],
+        client: str,
+        wait: bool,
     ) -> None:
-        reply = await self.listener.handler(data, self.listener.port, client)
-        if reply is None or self.transport is None or self.transport.is_closing():
+        reply = await self.listener.handler(data, self.listener.port, client, udp=True, wait=wait)
+        if reply is None or self.closed:
             return
-        self.transport.sendto(replies.to_wire(reply, replies.udp_limit(reply)), addr)
+        try:
+            self.sock.sendto(reply, addr)
+        except OSError:
+            # A full send buffer (or a vanished client): the client retries.
+            self.listener.stats.dropped_busy += 1
 
-    def error_received(self, exc: Exception) -> None:
-        # ICMP errors for replies to vanished clients: nothing to do.
-        pass
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
 
 
 class _Resumed:
@@ -156,11 +169,9 @@ class Listener:
         tcp_max_connections: int,
         tcp_lifetime: float = TCP_LIFETIME,
         ipv6: bool = True,
-        quick: Quick | None = None,
     ) -> None:
         self.port = port
         self.handler = handler
-        self.quick = quick
         self.stats = stats
         self.max_inflight = max_inflight
         self.tcp_idle_timeout = tcp_idle_timeout
@@ -173,7 +184,7 @@ class Listener:
         self.tcp_evicted = 0  # idle connections closed to make room for a new one
         self.tcp_refused = 0  # new connections refused: every slot had a query in progress
         self._tasks: set[asyncio.Task[None]] = set()
-        self._udp: list[asyncio.DatagramTransport] = []
+        self._udp: list[_UDP] = []
         self._tcp: list[asyncio.Server] = []
 
     @property
@@ -238,8 +249,10 @@ class Listener:
                         self.ipv6 = False
                         continue
                     raise
-                transport, _ = await loop.create_datagram_endpoint(lambda: _UDP(self), sock=sock)
-                self._udp.append(transport)
+                sock.setblocking(False)
+                udp = _UDP(self, sock)
+                self._udp.append(udp)
+                loop.add_reader(sock.fileno(), udp.readable)
                 server = await asyncio.start_server(
                     self._tcp_client,
                     host,
@@ -278,12 +291,13 @@ class Listener:
                 conn.busy = True  # not evicted while its query is being answered
                 self.inflight += 1
                 try:
-                    reply = await self.handler(data, self.port, f"tcp:{peer[0]}:{peer[1]}")
+                    wire = await self.handler(
+                        data, self.port, f"tcp:{peer[0]}:{peer[1]}", udp=False, wait=True
+                    )
                 finally:
                     self.inflight -= 1
-                if reply is None:
+                if wire is None:
                     break  # malformed: drop the connection
-                wire = replies.to_wire(reply)
                 # A client that does not read its replies must not pin a busy slot either.
                 async with asyncio.timeout(self.tcp_idle_timeout):
                     writer.write(struct.pack("!H", len(wire)) + wire)
@@ -314,8 +328,8 @@ class Listener:
         return False
 
     async def close(self, grace: float = 0.0) -> None:
-        for t in self._udp:
-            t.close()
+        for u in self._udp:
+            u.close()
         for s in self._tcp:
             s.close()
         self._udp.clear()

@@ -1,12 +1,20 @@
-"""The spine: query -> policy -> cache/upstream -> grants -> firewall.allow -> reply.
+"""The spine: query -> policy -> cache or upstream -> grant -> reply, on bytes.
 
 ``Pipeline.handle`` reads top to bottom; every step is owned by a named module. The one
-invariant that matters most is visible here: addresses reach the agent only after
-``firewall.allow`` has returned (the kernel holds them), and a failed grant is SERVFAIL.
+invariant that matters most is visible in ``_allowed``: addresses reach the agent only
+after ``firewall.allow`` has returned (the kernel holds them), and a failed grant is
+SERVFAIL.
+
+Messages stay bytes: ``dnswire`` reads the client's query and the upstream's answer and
+writes the reply, and the cache keeps records in wire form. dnspython only reads client
+messages of an unusual shape (and refuses the unsupported ones).
 """
 
 from __future__ import annotations
 
+import functools
+import math
+import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,17 +23,14 @@ from typing import Protocol
 import dns.exception
 import dns.flags
 import dns.message
-import dns.name
 import dns.opcode
-import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
-import dns.rrset
 
-from . import answers, plainquery, rebind, replies
-from .allowlist import Labels, labels_of
-from .cache import NEGATIVE_TTL_CAP, Cache, Entry, aged, capped
-from .config import DaemonSettings
+from . import answers, cache, dnswire, rebind, replies
+from .allowlist import Labels
+from .cache import Cache, Entry
+from .dnswire import Query
 from .errors import FirewallError, UpstreamError
 from .events import (
     AnswerFiltered,
@@ -36,13 +41,19 @@ from .events import (
     QueryRefused,
     UpstreamFailed,
 )
-from .ledger import Ledger, Reason, Write, entries_for, grant_timeout, name_of
+from .firewall.base import Write, entries_for, family_of
+from .ledger import Ledger, Reason, grant_timeout, name_of
 from .policy import Decision, Policy, ProfilePolicy, decide, decide_chain
 from .stats import Stats
 
+RD = 0x0100
+NOERROR, SERVFAIL, REFUSED = 0, 2, 5
+# RFC 8914 Extended DNS Error codes egressd sends.
+EDE_OTHER, EDE_BLOCKED, EDE_NOT_SUPPORTED = 0, 15, 21
+
 
 class Resolver(Protocol):
-    async def resolve(self, qname: dns.name.Name, qtype: int, rd: bool) -> dns.message.Message: ...
+    async def resolve(self, labels: Labels, qtype: int, rd: bool) -> bytes: ...
 
 
 class Allower(Protocol):
@@ -66,6 +77,10 @@ STALE_RETRIES = 3  # a query overtaken by this many reloads in a row gets SERVFA
 
 class _Stale(Exception):
     """The policy changed while this answer was being made."""
+
+
+class _Wait(Exception):
+    """The answer needs the upstream or the kernel, and the caller cannot wait now."""
 
 
 class Pipeline:
@@ -107,203 +122,235 @@ class Pipeline:
         self.cache.clear()
         return True
 
-    async def handle(self, wire: bytes, port: int, client: str = "") -> dns.message.Message | None:
-        """Answer one client message; None means drop it (malformed, or not a query)."""
+    async def handle(
+        self, wire: bytes, port: int, client: str = "", *, udp: bool = True, wait: bool = True
+    ) -> bytes | None:
+        """The reply to one client message; None means drop it (malformed, not a query).
+
+        ``wait=False``: answer only what needs neither the upstream nor the kernel (a
+        blocked name, a refusal, a cache hit whose grants still last), else None; the
+        listener asks so when its queries in flight are at their bound.
+        """
         self.stats.queries += 1
-        query = self._parse(wire)
-        if query is None:
-            return None
+        q = dnswire.parse_query(wire)
+        if q is None:
+            odd = self._odd(wire, port, client)
+            if not isinstance(odd, Query):
+                return odd
+            q = odd
+        limit = dnswire.udp_limit(q) if udp else 65535
         try:
-            return await self._answer(query, port, client)
+            for _ in range(STALE_RETRIES):
+                try:
+                    return await self._answer(q, port, client, limit, self.ref.generation, wait)
+                except _Stale:
+                    self.stats.stale_answers += 1
+            return self._fail(q, limit, "the policy kept changing")
+        except _Wait:
+            self.stats.dropped_busy += 1  # the client retries; better than queueing forever
+            return None
         except Exception as err:  # noqa: BLE001 - a bug must cost one answer, not the daemon
             self.stats.internal_errors += 1
             self.report(Error("pipeline", f"{type(err).__name__}: {err}"))
-            return replies.servfail(query, "internal error")
+            return self._fail(q, limit, "internal error")
 
     async def _answer(
-        self, query: dns.message.Message, port: int, client: str
-    ) -> dns.message.Message:
-        for _ in range(STALE_RETRIES):
-            try:
-                return await self._answer_once(query, port, client, self.ref.generation)
-            except _Stale:
-                self.stats.stale_answers += 1
-        return replies.servfail(query, "the policy kept changing")
+        self, q: Query, port: int, client: str, limit: int, generation: int, wait: bool
+    ) -> bytes:
+        pp = self.ref.policy.by_port.get(port)
+        if pp is None:  # a listener that a reload is retiring
+            self.stats.refused += 1
+            return dnswire.reply(
+                q, REFUSED, ede=(EDE_NOT_SUPPORTED, "egressd: no profile on this port")
+            )
+        decision = decide(pp.matcher, q.labels)
+        if not decision.allowed:
+            return self._blocked(q, pp, decision, client, limit)
+        return await self._allowed(q, pp, decision, client, limit, generation, wait)
 
     def _check(self, generation: int) -> None:
         if self.ref.generation != generation:
             raise _Stale
 
-    async def _answer_once(
-        self, query: dns.message.Message, port: int, client: str, generation: int
-    ) -> dns.message.Message:
-        pp = self.ref.policy.by_port.get(port)
-        if pp is None:  # a listener that a reload is retiring
-            self.stats.refused += 1
-            return replies.refused(query, "no profile on this port")
-        problem = _unsupported(query)
-        if problem:
-            self.stats.refused += 1
-            self.report(QueryRefused(pp.profile.name, problem, client))
-            return replies.refused(query, problem)
-
-        question = query.question[0]
-        qname, qtype = question.name, question.rdtype
-        labels = labels_of(qname)
-        decision = decide(pp.matcher, labels)
-        if not decision.allowed:
-            return self._blocked(query, pp, decision, client)
-        ports = ports_of(decision, pp)
-        return await self._allowed(query, pp, qname, labels, qtype, client, ports, generation)
-
-    def quick(self, wire: bytes, port: int, client: str = "") -> bytes | None:
-        """The blocked path without dnspython (egressd.plainquery): the reply to a plain
-        query the policy blocks, as bytes; None for anything else (then call ``handle``).
-
-        The same decision, record and counters as ``_blocked``, at a fifth of the cost:
-        parsing and rendering with dnspython were most of a blocked query's time, and a
-        flood of blocked names must not take the resolver from allowed lookups
-        (docs/design.md, "Listener defences").
-        """
-        q = plainquery.parse(wire)
-        if q is None:
-            return None
-        pp = self.ref.policy.by_port.get(port)
-        if pp is None:
-            return None
-        decision = decide(pp.matcher, q.labels)
-        if decision.allowed:
-            return None
-        self.stats.queries += 1
-        self.stats.blocked += 1
-        self.report(
-            QueryBlocked(
-                profile=pp.profile.name,
-                uids=pp.profile.uids,
-                qname=q.qname,
-                qtype=dns.rdatatype.to_text(dns.rdatatype.RdataType.make(q.qtype)),
-                verdict=decision.verdict.value,
-                rule=decision.source,
-                reason="",
-                client=client,
-            )
-        )
-        refused = self.ref.policy.config.daemon.blocked_rcode == "refused"
-        return plainquery.blocked_reply(q, dns.rcode.REFUSED if refused else dns.rcode.NXDOMAIN)
-
-    def _parse(self, wire: bytes) -> dns.message.Message | None:
-        try:
-            query = dns.message.from_wire(wire)
-        except (dns.exception.DNSException, ValueError, IndexError, UnicodeError):
-            self.stats.malformed += 1
-            return None
-        if query.flags & dns.flags.QR:  # a response sent to us: never act on it
-            self.stats.malformed += 1
-            return None
-        return query
+    # --- blocked -----------------------------------------------------------------------------
 
     def _blocked(
         self,
-        query: dns.message.Message,
+        q: Query,
         pp: ProfilePolicy,
         decision: Decision,
         client: str,
+        limit: int,
         reason: str = "",
-    ) -> dns.message.Message:
+    ) -> bytes:
         self.stats.blocked += 1
-        q = query.question[0]
         self.report(
             QueryBlocked(
                 profile=pp.profile.name,
                 uids=pp.profile.uids,
-                qname=q.name.to_text(omit_final_dot=True),
-                qtype=dns.rdatatype.to_text(q.rdtype),
+                qname=dnswire.name_text(q.raw),
+                qtype=_type_text(q.qtype),
                 verdict=decision.verdict.value,
                 rule=decision.source,
                 reason=reason,
                 client=client,
             )
         )
-        rcode = (
-            dns.rcode.REFUSED
-            if self.ref.policy.config.daemon.blocked_rcode == "refused"
-            else dns.rcode.NXDOMAIN
+        return dnswire.reply(
+            q,
+            self.ref.policy.blocked_rcode,
+            ede=(EDE_BLOCKED, replies.BLOCKED_TEXT),
+            max_size=limit,
         )
-        return replies.blocked(query, rcode)
+
+    # --- allowed -----------------------------------------------------------------------------
 
     async def _allowed(
         self,
-        query: dns.message.Message,
+        q: Query,
         pp: ProfilePolicy,
-        qname: dns.name.Name,
-        labels: Labels,
-        qtype: int,
+        decision: Decision,
         client: str,
-        ports: tuple[int, ...],
+        limit: int,
         generation: int,
-    ) -> dns.message.Message:
-        # Per profile: the CNAME chain was checked against this profile's deny rules only.
-        key = (pp.profile.name, labels, qtype)
+        wait: bool,
+    ) -> bytes:
+        """Look up or resolve, grant, reply."""
         now = self.clock()
+        # Per profile: the CNAME chain was checked against this profile's deny rules only.
+        key = (pp.profile.name, q.labels, q.qtype)
         hit = self.cache.get(key, now)
         if hit is not None:
             self.stats.cache_hits += 1
             entry, age = hit.entry, hit.age
-            addrs = [(ip, fam, max(0, ttl - age)) for ip, fam, ttl in entry.addresses]
+        elif not wait:
+            raise _Wait
         else:
-            try:
-                response = await self.resolver.resolve(
-                    qname, qtype, bool(query.flags & dns.flags.RD)
-                )
-            except UpstreamError as err:
-                self.stats.servfail_upstream += 1
-                self.report(UpstreamFailed(pp.profile.name, qname.to_text(), str(err)))
-                return replies.servfail(query, "upstream failed")
-            self._check(generation)  # decided under a policy a reload has replaced since
-            ans = answers.extract(response, qname)
-            deny = decide_chain(pp.matcher, (labels_of(n) for n in ans.chain[1:]))
-            if deny is not None:
-                return self._blocked(query, pp, deny, client, reason="CNAME target denied")
-            ceiling = self.ref.policy.config.grants.ceiling
-            # Rebinding guard: loopback, private, metadata and this host's addresses leave
-            # the answer here, before the cache, so neither a grant nor a hit ever sees them.
-            screened = self._screen(pp, labels, ans)
-            if screened.dropped:
-                self._filtered(query, pp, screened, client)
-                entry = _screened_entry(
-                    response, ans, screened, now, ceiling, self.ref.policy.config.daemon
-                )
-            else:
-                entry = _entry(response, ans, now, ceiling)
+            resolved = await self._resolve(q, pp, client, limit, generation, now)
+            if isinstance(resolved, bytes):
+                return resolved  # SERVFAIL, or blocked by a CNAME target
+            entry, age = resolved, 0
             self.cache.put(key, entry)
-            age = 0
-            addrs = list(entry.addresses)
 
         # Allow before reply: the addresses are in the kernel set before the agent sees them.
         try:
-            await self._grant(pp, addrs, labels, entry.chain, ports, generation)
+            if now >= entry.rearm_at:
+                await self._grant(
+                    pp, q.labels, entry, age, ports_of(decision, pp), generation, wait
+                )
         except FirewallError as err:
             self.stats.servfail_grant += 1
-            self.report(GrantFailed(pp.profile.name, qname.to_text(), str(err)))
-            return replies.servfail(query, "could not allow the answer's addresses")
+            self.report(GrantFailed(pp.profile.name, dnswire.name_text(q.raw), str(err)))
+            return self._fail(q, limit, "could not allow the answer's addresses")
         self._check(generation)  # a reload during the kernel write: decide again
         self.stats.allowed += 1
-        return replies.answer(
-            query, entry.rcode, aged(entry.answer, age), aged(entry.authority, age)
-        )
+        an, ancount, ns, nscount = entry.sections(age, q.labels)
+        return dnswire.reply(q, entry.rcode, an, ancount, ns, nscount, max_size=limit)
 
-    def _screen(self, pp: ProfilePolicy, labels: Labels, ans: answers.Answer) -> rebind.Screened:
-        if not ans.addresses:
+    async def _resolve(
+        self, q: Query, pp: ProfilePolicy, client: str, limit: int, generation: int, now: float
+    ) -> Entry | bytes:
+        """Ask the upstream; the entry to serve (and cache), or the reply that ends the query."""
+        try:
+            wire = await self.resolver.resolve(q.labels, q.qtype, bool(q.flags & RD))
+            response = dnswire.parse_response(wire)
+        except (UpstreamError, dnswire.WireError) as err:
+            self.stats.servfail_upstream += 1
+            what = str(err) if isinstance(err, UpstreamError) else f"malformed answer: {err}"
+            self.report(UpstreamFailed(pp.profile.name, dnswire.name_text(q.raw) + ".", what))
+            return self._fail(q, limit, "upstream failed")
+        self._check(generation)  # decided under a policy a reload has replaced since
+        ans = answers.extract(response)
+        deny = decide_chain(pp.matcher, ans.chain[1:])
+        if deny is not None:
+            return self._blocked(q, pp, deny, client, limit, reason="CNAME target denied")
+        ceiling = self.ref.policy.config.grants.ceiling
+        # Rebinding guard: loopback, private, metadata and this host's addresses leave the
+        # answer here, before the cache, so neither a grant nor a hit ever sees them.
+        screened = self._screen(pp, q.labels, [a.ip for a in ans.addresses])
+        if not screened.dropped:
+            return cache.entry(response, ans, now, ceiling)
+        self._filtered(q, pp, screened, client)
+        if not screened.kept:
+            return cache.emptied(ans, self.ref.policy.rebind_rcode, now, ceiling)
+        return cache.entry(response, ans.without({d.ip for d in screened.dropped}), now, ceiling)
+
+    def _screen(self, pp: ProfilePolicy, labels: Labels, ips: list[str]) -> rebind.Screened:
+        if not ips:
             return rebind.Screened((), ())
-        return self._screen_ips(pp, labels, [a.ip for a in ans.addresses])
-
-    def _screen_ips(self, pp: ProfilePolicy, labels: Labels, ips: list[str]) -> rebind.Screened:
         got = self._exceptions.get(pp.profile.name)
         if got is None or got[0] is not pp:
             p = pp.profile
             got = (pp, rebind.Exceptions(p.private_cidrs, p.private_names))
             self._exceptions[p.name] = got
         return rebind.screen(ips, got[1], self.local_addresses, labels)
+
+    def _filtered(
+        self, q: Query, pp: ProfilePolicy, screened: rebind.Screened, client: str
+    ) -> None:
+        self.report(
+            AnswerFiltered(
+                profile=pp.profile.name,
+                qname=dnswire.name_text(q.raw).lower(),
+                qtype=_type_text(q.qtype),
+                dropped=tuple(d.ip for d in screened.dropped),
+                rules=tuple(d.why.rule for d in screened.dropped),
+                reason="; ".join(f"{d.ip}: {d.why}" for d in screened.dropped),
+                kept=len(screened.kept),
+                client=client,
+            )
+        )
+
+    async def _grant(
+        self,
+        pp: ProfilePolicy,
+        labels: Labels,
+        entry: Entry,
+        age: int,
+        ports: tuple[int, ...],
+        generation: int,
+        wait: bool,
+    ) -> None:
+        addrs = entry.addresses_at(age)
+        if not addrs:
+            entry.rearm_at = math.inf
+            return
+        p = pp.profile
+        settings = self.ref.policy.config.grants
+        now = self.clock()
+        name = name_of(labels)
+        wanted = [(e, a.ttl) for a in addrs for e in entries_for(p, a.ip, a.family, ports, name)]
+        plan = self.ledger.plan(wanted, settings, now)
+        self.stats.grant_skips += len(wanted) - len(plan)
+        self._check(generation)  # never write a grant of a replaced policy
+        reason = Reason(
+            p.name,
+            name,
+            entry.chain,
+            ports,
+            {a.ip: now + grant_timeout(a.ttl, settings) for a in addrs},
+        )
+        if plan:
+            if not wait:
+                raise _Wait
+            self.granting += 1
+            try:
+                await self.firewall.allow(plan)
+                self.stats.grant_writes += len(plan)
+                self.ledger.commit(plan, now)
+                # Recorded before `granting` drops, so a reload's reconcile (which waits
+                # for it) sees this reason and judges it by the new policy.
+                self.ledger.justify(reason)
+            finally:
+                self.granting -= 1
+        elif not self.ledger.knows(reason):
+            # Nothing to write (the entries last long enough), but another name wrote them.
+            self.ledger.justify(reason)
+        # Later hits skip all of this while every entry lasts longer than any grant a hit
+        # can ask for (TTLs only shrink with age; expiries in the ledger only grow, and a
+        # reload or a set re-created behind egressd's back clears the cache).
+        longest = grant_timeout(max(a.ttl for a in entry.addresses), settings)
+        entry.rearm_at = self.ledger.until([e.key for e, _ in wanted]) - longest
 
     def judge(self, reason: Reason) -> list[Write] | None:
         """What the current policy grants for a remembered answer (ledger.reconcile).
@@ -319,79 +366,36 @@ class Pipeline:
         if not decision.allowed or decide_chain(pp.matcher, reason.chain) is not None:
             return None
         ports = ports_of(decision, pp)
-        kept = set(self._screen_ips(pp, reason.labels, [ip for ip, _ in reason.addrs]).kept)
-        name = name_of(reason.labels)
+        kept = self._screen(pp, reason.labels, list(reason.addrs)).kept
         return [
-            e
-            for ip, family in reason.addrs
-            if ip in kept
-            for e in entries_for(pp.profile, ip, family, ports, name)
+            e for ip in kept for e in entries_for(pp.profile, ip, family_of(ip), ports, reason.name)
         ]
 
-    def _filtered(
-        self,
-        query: dns.message.Message,
-        pp: ProfilePolicy,
-        screened: rebind.Screened,
-        client: str,
-    ) -> None:
-        q = query.question[0]
-        self.report(
-            AnswerFiltered(
-                profile=pp.profile.name,
-                qname=q.name.to_text(omit_final_dot=True).lower(),
-                qtype=dns.rdatatype.to_text(q.rdtype),
-                dropped=tuple(d.ip for d in screened.dropped),
-                rules=tuple(d.why.rule for d in screened.dropped),
-                reason="; ".join(f"{d.ip}: {d.why}" for d in screened.dropped),
-                kept=len(screened.kept),
-                client=client,
-            )
-        )
+    # --- the rest ----------------------------------------------------------------------------
 
-    async def _grant(
-        self,
-        pp: ProfilePolicy,
-        addrs: list[tuple[str, int, int]],
-        labels: Labels,
-        chain: tuple[Labels, ...],
-        ports: tuple[int, ...],
-        generation: int,
-    ) -> None:
-        if not addrs:
-            return
-        p = pp.profile
-        settings = self.ref.policy.config.grants
-        now = self.clock()
-        name = name_of(labels)
-        wanted = [(e, ttl) for ip, fam, ttl in addrs for e in entries_for(p, ip, fam, ports, name)]
-        plan = self.ledger.plan(wanted, settings, now)
-        self.stats.grant_skips += len(wanted) - len(plan)
-        self._check(generation)  # never write a grant of a replaced policy
-        reason = Reason(
-            p.name,
-            labels,
-            chain,
-            ports,
-            {(ip, fam): now + grant_timeout(ttl, settings) for ip, fam, ttl in addrs},
-            {e.key for e, _ in wanted},
-        )
-        if not plan:
-            # Nothing to write (a cache hit, mostly): the entries were written for this
-            # reason already, unless another name wrote them.
-            if not self.ledger.knows(reason):
-                self.ledger.justify(reason)
-            return
-        self.granting += 1
+    def _fail(self, q: Query, limit: int, text: str) -> bytes:
+        return dnswire.reply(q, SERVFAIL, ede=(EDE_OTHER, f"egressd: {text}"), max_size=limit)
+
+    def _odd(self, wire: bytes, port: int, client: str) -> Query | bytes | None:
+        """A message dnswire does not read: dnspython parses it; a supported query comes
+        back as a Query, an unsupported one gets REFUSED, anything else is dropped."""
         try:
-            await self.firewall.allow(plan)
-            self.stats.grant_writes += len(plan)
-            self.ledger.commit(plan, now)
-            # Recorded before `granting` drops, so a reload's reconcile (which waits for
-            # it) sees this reason and judges it by the new policy.
-            self.ledger.justify(reason)
-        finally:
-            self.granting -= 1
+            m = dns.message.from_wire(wire)
+        except (dns.exception.DNSException, ValueError, IndexError, UnicodeError):
+            self.stats.malformed += 1
+            return None
+        if m.flags & dns.flags.QR:  # a response sent to us: never act on it
+            self.stats.malformed += 1
+            return None
+        pp = self.ref.policy.by_port.get(port)
+        problem = "no profile on this port" if pp is None else _unsupported(m)
+        if problem:
+            self.stats.refused += 1
+            if pp is not None:
+                self.report(QueryRefused(pp.profile.name, problem, client))
+            r = replies.refused(m, problem)
+            return replies.to_wire(r, replies.udp_limit(r))
+        return _query_of(m)
 
 
 def ports_of(decision: Decision, pp: ProfilePolicy) -> tuple[int, ...]:
@@ -400,6 +404,11 @@ def ports_of(decision: Decision, pp: ProfilePolicy) -> tuple[int, ...]:
     if rule is not None and rule.ports is not None:
         return rule.ports
     return pp.profile.ports
+
+
+@functools.cache
+def _type_text(qtype: int) -> str:
+    return dns.rdatatype.to_text(dns.rdatatype.RdataType.make(qtype))
 
 
 def _unsupported(query: dns.message.Message) -> str:
@@ -414,75 +423,20 @@ def _unsupported(query: dns.message.Message) -> str:
     return ""
 
 
-REBIND_RCODES = {
-    "noerror": dns.rcode.NOERROR,
-    "nxdomain": dns.rcode.NXDOMAIN,
-    "refused": dns.rcode.REFUSED,
-    "servfail": dns.rcode.SERVFAIL,
-}
-
-
-def _screened_entry(
-    response: dns.message.Message,
-    ans: answers.Answer,
-    screened: rebind.Screened,
-    now: float,
-    ceiling: int,
-    daemon: DaemonSettings,
-) -> Entry:
-    """The cache entry of an answer the rebinding guard removed addresses from."""
-    drop = {d.ip for d in screened.dropped}
-    if not screened.kept:
-        # Nothing left to reach: an empty answer (its CNAMEs lead nowhere) with the
-        # configured rcode, cached as long as the answer it stands for, like a negative one.
-        return Entry(
-            rcode=REBIND_RCODES[daemon.rebind_rcode],
-            answer=(),
-            authority=(),
-            addresses=(),
-            stored=now,
-            ttl=min(ans.min_ttl or 0, ceiling, NEGATIVE_TTL_CAP),
-        )
-    rrsets = [r for r in (_without(rrset, drop) for rrset in ans.rrsets) if r is not None]
-    kept = answers.Answer(
-        chain=ans.chain,
-        rrsets=tuple(rrsets),
-        addresses=tuple(a for a in ans.addresses if a.ip not in drop),
-    )
-    return _entry(response, kept, now, ceiling)
-
-
-def _without(rrset: dns.rrset.RRset, drop: set[str]) -> dns.rrset.RRset | None:
-    """The rrset without the dropped addresses; None when none is left."""
-    if rrset.rdtype not in (dns.rdatatype.A, dns.rdatatype.AAAA):
-        return rrset
-    keep = [rd for rd in rrset if rd.address not in drop]
-    if len(keep) == len(rrset):
-        return rrset
-    if not keep:
-        return None
-    return dns.rrset.from_rdata_list(rrset.name, rrset.ttl, keep)
-
-
-def _entry(response: dns.message.Message, ans: answers.Answer, now: float, ceiling: int) -> Entry:
-    rcode = response.rcode()
-    if ans.rrsets:
-        ttl = min(ans.min_ttl or 0, ceiling)
-    else:
-        # Negative answer: the SOA's TTL/minimum bounds how long it may be cached (RFC 2308).
-        soas = [r for r in response.authority if r.rdtype == dns.rdatatype.SOA]
-        ttl = min((min(r.ttl, r[0].minimum) for r in soas if len(r)), default=0)
-        ttl = min(ttl, NEGATIVE_TTL_CAP)
-    if rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
-        ttl = 0  # never cache failures
-    return Entry(
-        rcode=rcode,
-        # A client may cache an answer for its TTL; the grant lasts at most ceiling + grace,
-        # so a TTL above the ceiling would outlive the grant.
-        answer=tuple(capped(r, ceiling) for r in ans.rrsets),
-        authority=tuple(r for r in response.authority if r.rdtype == dns.rdatatype.SOA),
-        addresses=tuple((a.ip, a.family, a.ttl) for a in ans.addresses),
-        stored=now,
-        ttl=ttl,
-        chain=tuple(labels_of(n) for n in ans.chain[1:]),
+def _query_of(m: dns.message.Message) -> Query:
+    """The Query of a supported message dnspython read (one IN question)."""
+    question = m.question[0]
+    raw = question.name.labels[:-1] if question.name.is_absolute() else question.name.labels
+    edns = m.edns >= 0
+    name = question.name.to_wire()
+    assert name is not None  # to_wire() without a file returns the bytes
+    return Query(
+        qid=m.id,
+        flags=m.flags,
+        labels=tuple(label.lower() for label in raw),
+        raw=tuple(raw),
+        qtype=question.rdtype,
+        question=name + struct.pack("!HH", question.rdtype, question.rdclass),
+        edns=edns,
+        payload=max(512, m.payload) if edns else 512,
     )

@@ -70,7 +70,7 @@ class ProfilePolicy:
 class Policy:
     """All profiles of one configuration, compiled, indexed by name and listener port."""
 
-    __slots__ = ("by_name", "by_port", "config", "digest")
+    __slots__ = ("blocked_rcode", "by_name", "by_port", "config", "digest", "rebind_rcode")
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -81,6 +81,12 @@ class Policy:
             pp.profile.port: pp for pp in self.by_name.values()
         }
         self.digest = _digest(config)
+        # Resolved once here, not per query.
+        self.blocked_rcode = RCODES[config.daemon.blocked_rcode]
+        self.rebind_rcode = RCODES[config.daemon.rebind_rcode]
+
+
+RCODES = {"noerror": 0, "servfail": 2, "nxdomain": 3, "refused": 5}
 
 
 def _digest(config: Config) -> str:

@@ -17,7 +17,7 @@ import ipaddress
 import struct
 from collections.abc import Sequence
 
-from ..ledger import Write
+from .base import Write
 
 NFNL_SUBSYS_IPSET = 6
 IPSET_CMD_ADD = 9

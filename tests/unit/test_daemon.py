@@ -25,7 +25,8 @@ from egressd.config import Config, DaemonSettings, GrantSettings, Profile, Upstr
 from egressd.daemon import Daemon, check_ports
 from egressd.errors import ConfigError, FirewallError
 from egressd.events import Error, Event, Reloaded, ReloadFailed
-from egressd.ledger import Ledger, Write
+from egressd.firewall.base import Write
+from egressd.ledger import Ledger
 from egressd.pipeline import Pipeline, PolicyRef
 from egressd.policy import Policy
 from egressd.upstream import UpstreamResolver
@@ -153,7 +154,7 @@ def serving_rig(
 def cached(d: Daemon, name: str) -> None:
     """Put one answer into the pipeline's cache, as a served query would."""
     assert d.pipeline is not None
-    entry = Entry(rcode=0, answer=(), authority=(), addresses=(), stored=0.0, ttl=3600)
+    entry = Entry(rcode=0, answer=(), authority=(), addresses=(), chain=(), stored=0.0, ttl=3600)
     d.pipeline.cache.put(("agent", labels_of(dns.name.from_text(name)), 1), entry)
     assert len(d.pipeline.cache) == 1
 

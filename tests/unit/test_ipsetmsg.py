@@ -26,8 +26,8 @@ from pyroute2.netlink.nfnetlink.ipset import IPSET_CMD_ADD, IPSET_CMD_DEL, ipset
 
 from egressd.errors import FirewallError
 from egressd.firewall import ipsetmsg, iptables_ipset
+from egressd.firewall.base import TCP, UDP, Write
 from egressd.firewall.iptables_ipset import IptablesIpset
-from egressd.ledger import TCP, UDP, Write
 
 PROTOCOL = 7  # what today's kernels negotiate; the tests also try others
 _ADDR_ATTR = {4: "IPSET_ATTR_IPADDR_IPV4", 6: "IPSET_ATTR_IPADDR_IPV6"}

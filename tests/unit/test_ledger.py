@@ -6,7 +6,8 @@ import pytest
 
 from egressd.allowlist import Labels
 from egressd.config import GrantSettings, Profile
-from egressd.ledger import TCP, UDP, Key, Ledger, Reason, Write, entries_for, grant_timeout
+from egressd.firewall.base import TCP, UDP, Key, Write, entries_for
+from egressd.ledger import Ledger, Reason, grant_timeout
 
 G = GrantSettings(floor=300, ceiling=86400, grace=60, maxelem=65536)
 S4 = "egressd-agent-v4"
@@ -270,18 +271,17 @@ def grant(led: Ledger, name: str, ips: list[str], ports: tuple[int, ...], now: f
     """What the pipeline does for one allowed answer: plan, write, commit, justify."""
     wanted = [(e, 300) for ip in ips for e in entries_for(AGENT, ip, 4, ports)]
     led.commit(led.plan(wanted, G, now), now)
-    addrs = {(ip, 4): now + grant_timeout(300, G) for ip in ips}
-    led.justify(Reason("agent", L(name), (), ports, addrs, {e.key for e, _ in wanted}))
+    addrs = {ip: now + grant_timeout(300, G) for ip in ips}
+    led.justify(Reason("agent", name, (), ports, addrs))
 
 
 def judge_by(allowed: dict[str, tuple[int, ...]]):  # type: ignore[no-untyped-def]
     """A new policy: the names it allows, with their ports."""
 
     def judge(r: Reason) -> list[Write] | None:
-        name = b".".join(r.labels).decode()
-        if name not in allowed:
+        if r.name not in allowed:
             return None
-        return [e for ip, fam in r.addrs for e in entries_for(AGENT, ip, fam, allowed[name])]
+        return [e for ip in r.addrs for e in entries_for(AGENT, ip, 4, allowed[r.name])]
 
     return judge
 
@@ -324,11 +324,7 @@ def test_reconcile_re_times_an_entry_a_removed_name_had_extended() -> None:
     grant(led, "short.example", ["192.0.2.1"], (), now=0.0)  # until 360
     long_answer = [(Write(S4, 4, "192.0.2.1", 0), 86400)]
     led.commit(led.plan(long_answer, G, 0.0), 0.0)  # the long one extends it to 86460
-    led.justify(
-        Reason(
-            "agent", L("long.example"), (), (), {("192.0.2.1", 4): 86460.0}, {K(S4, "192.0.2.1")}
-        )
-    )
+    led.justify(Reason("agent", "long.example", (), (), {"192.0.2.1": 86460.0}))
     adds, removes = led.reconcile(judge_by({"short.example": ()}), LIVE, now=60.0)
     assert removes == [] and adds == [Write(S4, 4, "192.0.2.1", 300)]
     assert led.remaining(K(S4, "192.0.2.1"), 60.0) == 300.0
@@ -358,17 +354,13 @@ def test_reasons_expire_with_their_grants() -> None:
 def test_knows_a_repeat_answer_that_adds_nothing() -> None:
     led = Ledger()
     grant(led, "a.example", ["192.0.2.1"], (), now=0.0)
-    keys = {K(S4, "192.0.2.1")}
 
     def again(now: float, ips: list[str], ports: tuple[int, ...] = ()) -> Reason:
-        addrs = {(ip, 4): now + 360.0 for ip in ips}
-        return Reason("agent", L("a.example"), (), ports, addrs, set(keys))
+        return Reason("agent", "a.example", (), ports, {ip: now + 360.0 for ip in ips})
 
     assert led.knows(again(30.0, ["192.0.2.1"]))  # later by less than the slack
     assert not led.knows(again(90.0, ["192.0.2.1"]))  # later by more: re-arm the reason
     assert not led.knows(again(0.0, ["192.0.2.1"], ports=(443,)))  # other ports
-    other = Reason("agent", L("b.example"), (), (), {("192.0.2.1", 4): 360.0}, set(keys))
+    other = Reason("agent", "b.example", (), (), {"192.0.2.1": 360.0})
     assert not led.knows(other)  # another name wrote the entries: record it too
-    bigger = again(0.0, ["192.0.2.1"])
-    bigger.keys.add(K(S4, "192.0.2.2"))
-    assert not led.knows(bigger)
+    assert not led.knows(again(0.0, ["192.0.2.1", "192.0.2.2"]))  # one more address

@@ -8,6 +8,7 @@ oldest idle connection when the cap is reached; the whole-connection deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,6 +19,7 @@ import dns.message
 import dns.rcode
 import dns.rrset
 
+from egressd import replies
 from egressd.listener import Listener
 from egressd.stats import Stats
 
@@ -33,18 +35,26 @@ class FakePipeline:
         self.started = 0  # SLOW queries that reached the handler
         self.tasks: list[asyncio.Task[object] | None] = []  # the task each query ran in
 
-    async def handle(self, wire: bytes, port: int, client: str) -> dns.message.Message | None:
+        self.waits: list[bool] = []  # the `wait` each query was handled with
+
+    async def handle(
+        self, wire: bytes, port: int, client: str, *, udp: bool, wait: bool
+    ) -> bytes | None:
         query = dns.message.from_wire(wire)
         qname = query.question[0].name.to_text()
         self.tasks.append(asyncio.current_task())
+        self.waits.append(wait)
         if qname == SLOW:
+            if not wait:
+                return None  # as the pipeline does with what would have to wait
             self.started += 1
             await self.release.wait()
         reply = dns.message.make_response(query)
         count = 60 if qname == BIG else 1
         rdatas = [f"203.0.113.{i + 1}" for i in range(count)]
         reply.answer.append(dns.rrset.from_text_list(qname, 300, "IN", "A", rdatas))
-        return reply
+        # The pipeline renders within the client's UDP size (replies as the oracle here).
+        return replies.to_wire(reply, replies.udp_limit(reply) if udp else 65535)
 
 
 def free_port() -> int:
@@ -203,38 +213,51 @@ def test_udp_query_that_waits_is_answered_and_one_that_does_not_never_needs_a_ta
     run(test)
 
 
-def test_udp_quick_path_answers_without_the_handler_or_passes_to_it() -> None:
-    calls: list[str] = []
-
-    def quick(wire: bytes, port: int, client: str) -> bytes | None:
-        query = dns.message.from_wire(wire)
-        if query.question[0].name.to_text() != "blocked.test.":
-            return None
-        calls.append(client)
-        reply = dns.message.make_response(query)
-        reply.set_rcode(dns.rcode.NXDOMAIN)
-        return reply.to_wire()
-
+def test_udp_at_the_inflight_bound_answers_only_what_needs_no_waiting() -> None:
     async def test() -> None:
         fake = FakePipeline()
         async with listening(fake) as lst:
-            lst.quick = quick
-            seen: list[str] = []
-            handle = fake.handle
-
-            async def counting(wire: bytes, port: int, client: str) -> dns.message.Message | None:
-                seen.append(client)
-                return await handle(wire, port, client)
-
-            lst.handler = counting
-            q = dns.message.make_query("blocked.test.", "A")
-            blocked = dns.message.from_wire(await udp_ask(lst.port, q))
-            assert blocked.rcode() == dns.rcode.NXDOMAIN and blocked.id == q.id
-            assert len(calls) == 1 and calls[0].startswith("udp:127.0.0.1:") and seen == []
-            allowed = dns.message.from_wire(
+            lst.max_inflight = 1
+            waits = asyncio.create_task(udp_ask(lst.port, dns.message.make_query(SLOW, "A")))
+            await until(lambda: fake.started == 1 and lst.inflight == 1)
+            # At the bound: a query that needs no waiting is still answered...
+            quick = dns.message.from_wire(
                 await udp_ask(lst.port, dns.message.make_query("a.test.", "A"))
             )
-            assert allowed.answer and len(seen) == 1 and len(calls) == 1
+            assert quick.answer and fake.waits[-1] is False
+            # ...and one that would wait is dropped (the handler said None), not queued.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(udp_ask(lst.port, dns.message.make_query(SLOW, "A")), 0.3)
+                raise AssertionError("a second slow query was answered at the bound")
+            assert fake.started == 1 and fake.waits[-1] is False
+            # Positive twin: below the bound the same query waits and is answered.
+            fake.release.set()
+            assert dns.message.from_wire(await waits).answer
+            await until(lambda: lst.inflight == 0)
+            again = await udp_ask(lst.port, dns.message.make_query(SLOW, "A"))
+            assert dns.message.from_wire(again).answer and fake.waits[-1] is True
+
+    run(test)
+
+
+def test_udp_reads_a_burst_in_one_wakeup_and_answers_all_of_it() -> None:
+    async def test() -> None:
+        fake = FakePipeline()
+        async with listening(fake) as lst:
+            loop = asyncio.get_running_loop()
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.setblocking(False)
+                s.connect(("127.0.0.1", lst.port))
+                ids = list(range(1, 201))  # more than one batch (UDP_BATCH)
+                for i in ids:
+                    q = dns.message.make_query(f"n{i}.test.", "A")
+                    q.id = i
+                    s.send(q.to_wire())
+                got = set()
+                async with asyncio.timeout(5):
+                    while len(got) < len(ids):
+                        got.add(dns.message.from_wire(await loop.sock_recv(s, 65535)).id)
+            assert got == set(ids)
 
     run(test)
 

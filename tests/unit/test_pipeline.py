@@ -31,7 +31,8 @@ from egressd.events import (
     QueryRefused,
     UpstreamFailed,
 )
-from egressd.ledger import TCP, UDP, Ledger, Write
+from egressd.firewall.base import TCP, UDP, Write
+from egressd.ledger import Ledger
 from egressd.pipeline import Pipeline, PolicyRef
 from egressd.policy import Policy
 from egressd.stats import Stats
@@ -115,14 +116,15 @@ class FakeResolver:
 
         self.answers[(name.lower().rstrip("."), dns.rdatatype.from_text(rdtype))] = build
 
-    async def resolve(self, qname: dns.name.Name, qtype: int, rd: bool) -> dns.message.Message:
+    async def resolve(self, labels: tuple[bytes, ...], qtype: int, rd: bool) -> bytes:
+        qname = dns.name.Name((*labels, b""))
         self.log.append("resolve")
         self.calls.append((qname, qtype, rd))
         if self.error is not None:
             raise self.error
         q = dns.message.make_query(qname, dns.rdatatype.RdataType(qtype))
         key = (qname.to_text(omit_final_dot=True).lower(), qtype)
-        return self.answers[key](q)
+        return self.answers[key](q).to_wire()
 
 
 @dataclass
@@ -169,7 +171,7 @@ class Rig:
             # inside the loop: after asyncio.run, a grant still pending in a task would
             # already have been cancelled or finished, and the order would prove nothing.
             self.log.append("reply")
-            return reply
+            return None if reply is None else dns.message.from_wire(reply)
 
         return asyncio.run(handled())
 
@@ -217,6 +219,11 @@ def wire(
     return q.to_wire()
 
 
+def by_ip(writes: Sequence[Write]) -> list[Write]:
+    """Writes in address order (the upstream's record order is not the test's concern)."""
+    return sorted(writes, key=lambda w: (w.ip, w.proto, w.port))
+
+
 def addresses(reply: dns.message.Message) -> list[str]:
     return sorted(
         rd.address
@@ -252,7 +259,7 @@ def test_allowed_name_is_granted_before_the_reply() -> None:
     # the resolver saw the rebuilt question only
     assert r.resolver.calls == [(dns.name.from_text("www.example.com"), dns.rdatatype.A, True)]
     # the firewall got exactly the chain's addresses, clamped to the floor plus grace
-    assert r.firewall.calls == [
+    assert [by_ip(c) for c in r.firewall.calls] == [
         [
             Write("egressd-agent-v4", 4, "192.0.2.10", 360),
             Write("egressd-agent-v4", 4, "192.0.2.11", 360),
@@ -262,7 +269,8 @@ def test_allowed_name_is_granted_before_the_reply() -> None:
     assert reply.id == 0x4242
     assert reply.question[0].name.to_text() == "WwW.Example.COM."
     assert addresses(reply) == ["192.0.2.10", "192.0.2.11"]
-    assert [str(rr.name) for rr in reply.answer] == ["www.example.com.", "e1.cdn-provider.example."]
+    # The queried name as the client spelled it (its question's), the chain as answered.
+    assert [str(rr.name) for rr in reply.answer] == ["WwW.Example.COM.", "e1.cdn-provider.example."]
     assert reply.additional == []
     assert reply.options == ()  # the client's ECS option is not echoed
     assert r.ledger.remaining(("egressd-agent-v4", "192.0.2.10", 0, 0), r.clock.now) == 360
@@ -507,7 +515,7 @@ def test_cache_hit_rearms_grants_that_run_out() -> None:
     assert len(r.resolver.calls) == 1
     assert [rr.ttl for rr in reply.answer] == [3500, 20]
     assert r.log == ["resolve", "allow", "reply", "allow", "reply"]
-    assert r.firewall.calls[1] == [
+    assert by_ip(r.firewall.calls[1]) == [
         Write("egressd-agent-v4", 4, "192.0.2.10", 360),
         Write("egressd-agent-v4", 4, "192.0.2.11", 360),
     ]
@@ -706,8 +714,12 @@ def test_private_addresses_are_removed_and_never_granted() -> None:
     (ev,) = r.events
     assert isinstance(ev, AnswerFiltered) and ev.PER_QUERY
     assert (ev.profile, ev.qname, ev.qtype, ev.kept) == ("agent", "www.example.com", "A", 1)
-    assert ev.dropped == ("127.0.0.1", "169.254.169.254", "10.0.0.5")
-    assert ev.rules == ("127.0.0.0/8", "169.254.0.0/16", "10.0.0.0/8")
+    # (dropped, rule) pairs in the order of the upstream's records
+    assert sorted(zip(ev.dropped, ev.rules, strict=True)) == [
+        ("10.0.0.5", "10.0.0.0/8"),
+        ("127.0.0.1", "127.0.0.0/8"),
+        ("169.254.169.254", "169.254.0.0/16"),
+    ]
     assert "169.254.169.254: 169.254.0.0/16 (link-local" in ev.reason
     assert ev.client == "udp:127.0.0.1:5555"
     assert r.stats.allowed == 1
@@ -782,7 +794,7 @@ def test_cidr_exception_keeps_its_addresses() -> None:
     assert reply is not None and addresses(reply) == ["10.0.0.5", "192.0.2.10"]
     assert granted(r) == ["10.0.0.5", "192.0.2.10"]
     (ev,) = r.events
-    assert isinstance(ev, AnswerFiltered) and ev.dropped == ("127.0.0.1", "169.254.169.254")
+    assert isinstance(ev, AnswerFiltered) and sorted(ev.dropped) == ["127.0.0.1", "169.254.169.254"]
     # the exception is the agent profile's only
     reply = r.ask(wire("www.example.com"), port=154)
     assert reply is not None and addresses(reply) == ["192.0.2.10"]
@@ -804,9 +816,9 @@ def test_name_exception_lets_the_answer_carry_private_addresses_but_not_this_hos
     assert addresses(r.ask(wire("lo.lab.example.com"))) == ["10.1.1.1"]  # type: ignore[arg-type]
     assert addresses(r.ask(wire("www.example.com"))) == ["192.0.2.10"]  # type: ignore[arg-type]
     assert granted(r) == ["10.1.1.1", "10.9.8.7", "192.0.2.10"]
-    assert [e.dropped for e in r.events if isinstance(e, AnswerFiltered)] == [
+    assert [tuple(sorted(e.dropped)) for e in r.events if isinstance(e, AnswerFiltered)] == [
         ("127.0.0.1",),
-        ("127.0.0.1", "169.254.169.254", "10.0.0.5"),
+        ("10.0.0.5", "127.0.0.1", "169.254.169.254"),
     ]
 
 
@@ -948,7 +960,7 @@ def test_judge_says_what_the_current_policy_grants_for_a_remembered_answer() -> 
     r = port_rig()
     r.resolver.add("pypi.example", "A", [("pypi.example.", 300, "A", "192.0.2.20")])
     r.ask(wire("pypi.example"))
-    (reason,) = r.ledger._reasons.values()
+    (reason,) = r.ledger._reasons["agent"].values()
     assert {w.port for w in r.pipeline.judge(reason) or []} == {443}
     r.pipeline.ref.policy = port_policy(rules="pypi.example ports=8443\n")
     assert {(w.set_name, w.proto, w.port) for w in r.pipeline.judge(reason) or []} == {
