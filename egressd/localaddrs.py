@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import ipaddress
 
-from pyroute2 import AsyncIPRoute  # type: ignore[import-untyped]
-from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
-
 from .errors import EgressdError
+from .netlinklib import AsyncIPRoute, NetlinkError
 from .rebind import IPAddress
 
 

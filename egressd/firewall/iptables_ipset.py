@@ -18,12 +18,9 @@ import socket
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 
-from pyroute2 import AsyncIPSet  # type: ignore[import-untyped]
-from pyroute2.ipset import _IPSetError  # type: ignore[import-untyped]
-from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
-
 from ..config import Profile
 from ..errors import FirewallError
+from ..netlinklib import AsyncIPSet, IPSetError, NetlinkError
 from ..policy import Policy
 from . import ipsetmsg, marks, rules
 from .base import Found, Write
@@ -319,7 +316,7 @@ class IptablesIpset:
             detail = (
                 "set is full (maxelem)"
                 if code == IPSET_ERR_HASH_FULL
-                else str(_IPSetError(code, cmd=cmd))  # pyroute2's words, as before
+                else str(IPSetError(code, cmd=cmd))  # pyroute2's words, as before
             )
             shown = ", ".join(w.ip for w in ws[:4]) + (
                 f" and {len(ws) - 4} more" if len(ws) > 4 else ""
