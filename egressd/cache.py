@@ -113,13 +113,14 @@ class Hit:
 
 
 class Cache:
-    __slots__ = ("_data", "capacity", "hits", "misses")
+    __slots__ = ("_data", "capacity", "epoch", "hits", "misses")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._data: OrderedDict[Key, Entry] = OrderedDict()
         self.hits = 0
         self.misses = 0
+        self.epoch = 0  # bumped by each clear(): what was served before is not to be reused
 
     def get(self, key: Key, now: float) -> Hit | None:
         e = self._data.get(key)
@@ -145,6 +146,7 @@ class Cache:
 
     def clear(self) -> None:
         self._data.clear()
+        self.epoch += 1
 
     def __len__(self) -> int:
         return len(self._data)

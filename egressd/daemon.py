@@ -268,6 +268,7 @@ class Daemon:
                     tcp_idle_timeout=d.tcp_idle_timeout,
                     tcp_max_connections=d.tcp_max_connections,
                     ipv6=ipv6_available(),
+                    repeat=self.pipeline.repeat,  # repeats of cached answers, unread
                 )
                 await lst.start()
                 self.listeners[port] = lst

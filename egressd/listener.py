@@ -21,7 +21,7 @@ import contextlib
 import errno
 import socket
 import struct
-from collections.abc import Awaitable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,6 +35,9 @@ class Handler(Protocol):
         self, wire: bytes, port: int, client: str, *, udp: bool, wait: bool
     ) -> Awaitable[bytes | None]: ...
 
+
+# Pipeline.repeat: the reply to a repeat of a recent query, without reading it, or None.
+Repeat = Callable[[bytes, int, str], bytes | None]
 
 MAX_TCP_MESSAGE = 65535
 MAX_UDP_MESSAGE = 65535
@@ -69,6 +72,7 @@ class _UDP:
     def readable(self) -> None:
         lst = self.listener
         sock = self.sock
+        repeat = lst.repeat
         for _ in range(UDP_BATCH):
             try:
                 data, addr = sock.recvfrom(MAX_UDP_MESSAGE)
@@ -77,6 +81,10 @@ class _UDP:
             except OSError:
                 continue  # an ICMP error of an earlier reply: nothing to do
             client = f"udp:{addr[0]}:{addr[1]}"
+            wire = repeat(data, lst.port, client) if repeat is not None else None
+            if wire is not None:
+                self._send(wire, addr)
+                continue
             # At the bound of queries in flight, only what needs no waiting is answered
             # (blocked names, refusals, cache hits): a blocked query never waits.
             lst.run(self._answer(data, addr, client, lst.inflight < lst.max_inflight))
@@ -89,7 +97,11 @@ class _UDP:
         wait: bool,
     ) -> None:
         reply = await self.listener.handler(data, self.listener.port, client, udp=True, wait=wait)
-        if reply is None or self.closed:
+        if reply is not None:
+            self._send(reply, addr)
+
+    def _send(self, reply: bytes, addr: tuple[str, int] | tuple[str, int, int, int]) -> None:
+        if self.closed:
             return
         try:
             self.sock.sendto(reply, addr)
@@ -169,9 +181,11 @@ class Listener:
         tcp_max_connections: int,
         tcp_lifetime: float = TCP_LIFETIME,
         ipv6: bool = True,
+        repeat: Repeat | None = None,
     ) -> None:
         self.port = port
         self.handler = handler
+        self.repeat = repeat
         self.stats = stats
         self.max_inflight = max_inflight
         self.tcp_idle_timeout = tcp_idle_timeout

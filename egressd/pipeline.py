@@ -73,6 +73,21 @@ class PolicyRef:
 
 
 STALE_RETRIES = 3  # a query overtaken by this many reloads in a row gets SERVFAIL
+REPEATS = 4096  # recent replies kept for ``Pipeline.repeat``
+
+
+@dataclass(frozen=True, slots=True)
+class _Repeat:
+    """A reply made without waiting, and what it was made under (see Pipeline.repeat)."""
+
+    generation: int
+    tail: bytes  # the reply after its id
+    # An answer from the cache: the entry, the cache's epoch, the age its TTLs were aged by.
+    entry: Entry | None = None
+    epoch: int = 0
+    age: int = 0
+    # A blocked name: its record (the client is the repeat's own).
+    blocked: QueryBlocked | None = None
 
 
 class _Stale(Exception):
@@ -111,6 +126,9 @@ class Pipeline:
         self.granting = 0
         # Each profile's compiled private_answers, rebuilt when a reload swaps the profile.
         self._exceptions: dict[str, tuple[ProfilePolicy, rebind.Exceptions]] = {}
+        # Recent UDP replies served from the cache, by (port, the query's bytes after the
+        # id): see ``repeat``.
+        self._repeats: dict[tuple[int, bytes], _Repeat] = {}
 
     def set_local_addresses(self, addresses: frozenset[rebind.IPAddress]) -> bool:
         """Take the host's current addresses; True when they changed."""
@@ -121,6 +139,51 @@ class Pipeline:
         # this host must not be served from the cache.
         self.cache.clear()
         return True
+
+    def repeat(self, wire: bytes, port: int, client: str) -> bytes | None:
+        """The reply to a repeat of a recent UDP query, without reading it; None: ``handle``.
+
+        A cache hit is most of what an agent asks (every `npm install` asks for the
+        registry again and again), a blocked name is what a misbehaving one asks again and
+        again, and reading, deciding and rendering such a query was most of its cost. A
+        query whose bytes after the id equal those of one answered that way gets the same
+        reply with its own id (and a blocked one the same record, counted and rate-limited
+        as always), as long as nothing the reply depends on changed: the policy
+        (generation); for a cached answer also the cache (cleared on a reload, an address
+        change or a re-created set), the whole seconds its TTLs were aged by, and the
+        grants (``rearm_at``). Anything else takes the full path.
+        """
+        got = self._repeats.get((port, wire[2:]))
+        if got is None or got.generation != self.ref.generation:
+            return None
+        stats = self.stats
+        b = got.blocked
+        if b is not None:
+            stats.queries += 1
+            stats.blocked += 1
+            self.report(
+                QueryBlocked(b.profile, b.uids, b.qname, b.qtype, b.verdict, b.rule, client=client)
+            )
+            return wire[:2] + got.tail
+        entry = got.entry
+        if entry is None:
+            return None
+        now = self.clock()
+        if (
+            got.epoch != self.cache.epoch
+            or now >= entry.rearm_at
+            or int(now - entry.stored) != got.age
+        ):
+            return None
+        stats.queries += 1
+        stats.cache_hits += 1
+        stats.allowed += 1
+        return wire[:2] + got.tail
+
+    def _remember(self, key: tuple[int, bytes], made: _Repeat) -> None:
+        if len(self._repeats) >= REPEATS:
+            self._repeats.clear()  # a bound, not an LRU: the next repeats fill it again
+        self._repeats[key] = made
 
     async def handle(
         self, wire: bytes, port: int, client: str = "", *, udp: bool = True, wait: bool = True
@@ -139,10 +202,13 @@ class Pipeline:
                 return odd
             q = odd
         limit = dnswire.udp_limit(q) if udp else 65535
+        repeat = (port, wire[2:]) if udp else None
         try:
             for _ in range(STALE_RETRIES):
                 try:
-                    return await self._answer(q, port, client, limit, self.ref.generation, wait)
+                    return await self._answer(
+                        q, port, client, limit, self.ref.generation, wait, repeat
+                    )
                 except _Stale:
                     self.stats.stale_answers += 1
             return self._fail(q, limit, "the policy kept changing")
@@ -155,7 +221,14 @@ class Pipeline:
             return self._fail(q, limit, "internal error")
 
     async def _answer(
-        self, q: Query, port: int, client: str, limit: int, generation: int, wait: bool
+        self,
+        q: Query,
+        port: int,
+        client: str,
+        limit: int,
+        generation: int,
+        wait: bool,
+        repeat: tuple[int, bytes] | None,
     ) -> bytes:
         pp = self.ref.policy.by_port.get(port)
         if pp is None:  # a listener that a reload is retiring
@@ -165,8 +238,8 @@ class Pipeline:
             )
         decision = decide(pp.matcher, q.labels)
         if not decision.allowed:
-            return self._blocked(q, pp, decision, client, limit)
-        return await self._allowed(q, pp, decision, client, limit, generation, wait)
+            return self._blocked(q, pp, decision, client, limit, repeat=repeat)
+        return await self._allowed(q, pp, decision, client, limit, generation, wait, repeat)
 
     def _check(self, generation: int) -> None:
         if self.ref.generation != generation:
@@ -182,26 +255,29 @@ class Pipeline:
         client: str,
         limit: int,
         reason: str = "",
+        repeat: tuple[int, bytes] | None = None,
     ) -> bytes:
         self.stats.blocked += 1
-        self.report(
-            QueryBlocked(
-                profile=pp.profile.name,
-                uids=pp.profile.uids,
-                qname=dnswire.name_text(q.raw),
-                qtype=_type_text(q.qtype),
-                verdict=decision.verdict.value,
-                rule=decision.source,
-                reason=reason,
-                client=client,
-            )
+        record = QueryBlocked(
+            profile=pp.profile.name,
+            uids=pp.profile.uids,
+            qname=dnswire.name_text(q.raw),
+            qtype=_type_text(q.qtype),
+            verdict=decision.verdict.value,
+            rule=decision.source,
+            reason=reason,
+            client=client,
         )
-        return dnswire.reply(
+        self.report(record)
+        reply = dnswire.reply(
             q,
             self.ref.policy.blocked_rcode,
             ede=(EDE_BLOCKED, replies.BLOCKED_TEXT),
             max_size=limit,
         )
+        if repeat is not None:
+            self._remember(repeat, _Repeat(self.ref.generation, reply[2:], blocked=record))
+        return reply
 
     # --- allowed -----------------------------------------------------------------------------
 
@@ -214,8 +290,9 @@ class Pipeline:
         limit: int,
         generation: int,
         wait: bool,
+        repeat: tuple[int, bytes] | None,
     ) -> bytes:
-        """Look up or resolve, grant, reply."""
+        """Look up or resolve, grant, reply (and remember the reply for ``repeat``)."""
         now = self.clock()
         # Per profile: the CNAME chain was checked against this profile's deny rules only.
         key = (pp.profile.name, q.labels, q.qtype)
@@ -245,7 +322,10 @@ class Pipeline:
         self._check(generation)  # a reload during the kernel write: decide again
         self.stats.allowed += 1
         an, ancount, ns, nscount = entry.sections(age, q.labels)
-        return dnswire.reply(q, entry.rcode, an, ancount, ns, nscount, max_size=limit)
+        reply = dnswire.reply(q, entry.rcode, an, ancount, ns, nscount, max_size=limit)
+        if repeat is not None and entry.rearm_at > now:
+            self._remember(repeat, _Repeat(generation, reply[2:], entry, self.cache.epoch, age))
+        return reply
 
     async def _resolve(
         self, q: Query, pp: ProfilePolicy, client: str, limit: int, generation: int, now: float
@@ -346,11 +426,15 @@ class Pipeline:
         elif not self.ledger.knows(reason):
             # Nothing to write (the entries last long enough), but another name wrote them.
             self.ledger.justify(reason)
-        # Later hits skip all of this while every entry lasts longer than any grant a hit
-        # can ask for (TTLs only shrink with age; expiries in the ledger only grow, and a
-        # reload or a set re-created behind egressd's back clears the cache).
-        longest = grant_timeout(max(a.ttl for a in entry.addresses), settings)
-        entry.rearm_at = self.ledger.until([e.key for e, _ in wanted]) - longest
+        # Later hits skip all of this while the ledger's plan would write nothing: while
+        # every entry has at least the longest grant a later hit can ask for (the TTLs
+        # left now: they only shrink) minus the plan's slack left. Expiries in the ledger only grow;
+        # a reload, or a set re-created behind egressd's back, clears the cache. (The
+        # reason's recorded expiry is then not re-armed by those hits; it lags by at most
+        # that window, and only a reload reads it: the entry is re-timed, never extended.)
+        longest = grant_timeout(max(a.ttl for a in addrs), settings)
+        until = self.ledger.until([e.key for e, _ in wanted])
+        entry.rearm_at = until - longest + settings.grace // 2
 
     def judge(self, reason: Reason) -> list[Write] | None:
         """What the current policy grants for a remembered answer (ledger.reconcile).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -500,9 +501,15 @@ def test_cache_hit_ages_ttls_and_skips_fresh_grants() -> None:
     assert [rr.ttl for rr in reply.answer] == [3600 - 10, 120 - 10]
     assert addresses(reply) == ["192.0.2.10", "192.0.2.11"]
     assert reply.question[0].name.to_text() == "WWW.EXAMPLE.COM."
-    # the grants (360 s) still have 349.5 s left, more than 360 - 30: no kernel write
+    # the grants (360 s) still have 349.5 s left, more than 360 - 30: no kernel write, and
+    # within that window (rearm_at) the hit does not even ask the ledger
     assert len(r.firewall.calls) == 1
-    assert r.stats.cache_hits == 1 and r.stats.grant_skips == 2
+    assert r.stats.cache_hits == 1 and r.stats.grant_skips == 0
+    # At the window's end (30 s, half the grace) the ledger is asked again; 330 s are left
+    # of 360, just enough: planned, skipped, no write.
+    r.clock.now += 19.5
+    assert r.ask(wire("www.example.com")) is not None
+    assert len(r.firewall.calls) == 1 and r.stats.grant_skips == 2
 
 
 def test_cache_hit_rearms_grants_that_run_out() -> None:
@@ -973,3 +980,80 @@ def test_judge_says_what_the_current_policy_grants_for_a_remembered_answer() -> 
     assert r.pipeline.judge(reason) is None
     r.pipeline.ref.policy = port_policy(rules="files.example\n")
     assert r.pipeline.judge(reason) is None
+
+
+# --- repeats of cached answers -------------------------------------------------------------------
+
+
+def test_a_repeat_of_a_cached_answer_gets_the_same_reply_with_its_own_id() -> None:
+    r = rig()
+    r.resolver.add("www.example.com", "A", (("www.example.com.", 3600, "A", "192.0.2.10"),))
+    first = r.ask(wire("www.example.com", qid=1))
+    assert first is not None
+    again = r.pipeline.repeat(wire("www.example.com", qid=2), 153, "udp:127.0.0.1:5555")
+    assert again is not None
+    reply = dns.message.from_wire(again)
+    assert reply.id == 2 and addresses(reply) == ["192.0.2.10"]
+    assert again[2:] == first.to_wire()[2:]
+    assert (r.stats.queries, r.stats.cache_hits, r.stats.allowed) == (2, 1, 2)
+    # Other bytes after the id (another EDNS size, another port): not a repeat.
+    assert r.pipeline.repeat(wire("www.example.com", edns=-1), 153, "udp:127.0.0.1:5555") is None
+    assert r.pipeline.repeat(wire("www.example.com"), 154, "udp:127.0.0.1:5555") is None
+
+
+def test_a_repeat_is_not_served_once_what_its_reply_depends_on_changed() -> None:
+    r = rig()
+    r.resolver.add("www.example.com", "A", (("www.example.com.", 3600, "A", "192.0.2.10"),))
+    q = wire("www.example.com")
+
+    def fresh() -> bytes | None:
+        """Ask through the full path (which remembers the reply), then as a repeat."""
+        assert r.ask(q) is not None
+        return r.pipeline.repeat(q, 153, "udp:127.0.0.1:5555")
+
+    assert r.pipeline.repeat(q, 153, "udp:127.0.0.1:5555") is None  # nothing answered yet
+    assert fresh() is not None  # the positive twin of each case below
+    r.clock.now += 1  # one more whole second of age: the TTLs change
+    assert r.pipeline.repeat(q, 153, "udp:127.0.0.1:5555") is None
+    assert fresh() is not None
+    r.pipeline.ref.generation += 1  # a reload
+    assert r.pipeline.repeat(q, 153, "udp:127.0.0.1:5555") is None
+    assert fresh() is not None
+    r.pipeline.cache.clear()  # an address change, or a set re-created
+    assert r.pipeline.repeat(q, 153, "udp:127.0.0.1:5555") is None
+    assert fresh() is not None
+    r.clock.now += 3000  # past the grant window: the ledger must be asked again
+    assert r.pipeline.repeat(q, 153, "udp:127.0.0.1:5555") is None
+    skips = r.stats.grant_skips
+    assert fresh() is not None and r.stats.grant_skips == skips + 1
+
+
+def test_tcp_answers_are_never_repeats() -> None:
+    r = rig()
+    r.resolver.add("www.example.com", "A", (("www.example.com.", 3600, "A", "192.0.2.10"),))
+    q = wire("www.example.com")
+
+    async def over_tcp() -> bytes | None:
+        return await r.pipeline.handle(q, 153, "tcp:127.0.0.1:5555", udp=False)
+
+    assert asyncio.run(over_tcp()) is not None
+    assert r.pipeline.repeat(q, 153, "udp:127.0.0.1:5555") is None
+    assert r.ask(q) is not None  # positive twin: the same query over UDP
+    assert r.pipeline.repeat(q, 153, "udp:127.0.0.1:5555") is not None
+
+
+def test_a_repeated_blocked_name_is_answered_recorded_and_counted_as_the_first() -> None:
+    r = rig()
+    first = r.ask(wire("ads.example.com", qid=1), client="udp:127.0.0.1:1111")
+    assert first is not None and first.rcode() == dns.rcode.NXDOMAIN
+    again = r.pipeline.repeat(wire("ads.example.com", qid=2), 153, "udp:127.0.0.1:2222")
+    assert again is not None and dns.message.from_wire(again).id == 2
+    assert again[2:] == first.to_wire()[2:]
+    one, two = r.events
+    assert isinstance(one, QueryBlocked) and isinstance(two, QueryBlocked)
+    assert two == dataclasses.replace(one, client="udp:127.0.0.1:2222")
+    assert (r.stats.queries, r.stats.blocked) == (2, 2)
+    assert r.resolver.calls == []
+    # A reload may have allowed it: not a repeat any more, decided again.
+    r.pipeline.ref.generation += 1
+    assert r.pipeline.repeat(wire("ads.example.com"), 153, "udp:127.0.0.1:2222") is None
