@@ -98,6 +98,7 @@ class IptablesIpset:
         self._adt_seq = 0
         self._adt_waiting: dict[int, asyncio.Future[int]] = {}
         self._lock = asyncio.Lock()  # serialises install/verify/uninstall, not allow()
+        self.created: list[str] = []  # sets an install had to create (none was there)
         self.families = (4, 6) if ipv6_available() else (4,)
         # family -> table -> own_rules() as of the last successful apply (what verify expects)
         self._applied: dict[int, dict[str, tuple[str, ...]]] = {}
@@ -179,6 +180,7 @@ class IptablesIpset:
                 await self._create(name, stype, family, maxelem)
             except NetlinkError as err:
                 raise FirewallError(f"ipset create {name} failed: {err}") from err
+            self.created.append(name)
             return []
         header, entries = found
         if header[:4] != (stype, _AF[family], header[2], True):
@@ -552,7 +554,16 @@ class IptablesIpset:
                         if name not in present:
                             problems.insert(0, f"set {name} missing")
         if problems:
+            self.created.clear()
             await self.install(policy)
+            # A set destroyed between the check above and the install (`iptables -F`
+            # and `ipset destroy` in a row) is re-created empty all the same: its grants
+            # must be written again, so say so.
+            problems += [
+                f"set {name} re-created"
+                for name in self.created
+                if f"set {name} missing" not in problems
+            ]
         return problems
 
     async def _listing(self, family: int) -> dict[str, str]:

@@ -3,7 +3,13 @@ snapshot the last apply left, and the jump-first check."""
 
 from __future__ import annotations
 
-from egressd.firewall.iptables_ipset import drift, jump_problems, own_rules
+import asyncio
+
+import pytest
+
+from egressd.config import Config, DaemonSettings, GrantSettings, Profile, Upstream
+from egressd.firewall.iptables_ipset import IptablesIpset, drift, jump_problems, own_rules
+from egressd.policy import Policy
 
 SAVED = """\
 -P INPUT ACCEPT
@@ -101,4 +107,63 @@ def test_the_jump_must_be_first_and_unique() -> None:
     gone = SAVED.replace("-A OUTPUT -j EGRESSD-OUTPUT\n", "")
     assert jump_problems("IPv4 filter", "EGRESSD-OUTPUT", gone) == [
         "IPv4 filter OUTPUT jump to EGRESSD-OUTPUT missing"
+    ]
+
+
+def test_a_set_destroyed_while_a_repair_runs_is_reported_re_created(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`iptables -F` then `ipset destroy`: the set can go between verify's check (present)
+    and the install that repairs the rules (which creates it again, empty). The daemon
+    writes grants again only for a "set ..." problem, so verify must say so."""
+    fw = IptablesIpset()
+    fw.families = (4,)
+    policy = Policy(
+        Config(
+            path="x",
+            daemon=DaemonSettings(upstreams=(Upstream("192.0.2.53"),)),
+            grants=GrantSettings(),
+            profiles=(Profile(name="agent", uids=(1000,), port=153),),
+        )
+    )
+    names = ["egressd-agent-v4", "egressd-agent-v6", "egressd-agent-p4", "egressd-agent-p6"]
+    destroyed: list[str] = []
+
+    async def rule_problems(policy: Policy, family: int) -> list[str]:
+        return ["IPv4 filter chain EGRESSD-P-agent: 13 rule(s) missing"]
+
+    async def set_names() -> list[str]:
+        return names  # all there when verify looks
+
+    async def inspect(name: str, family: int) -> None:
+        return None  # ...and one gone when the install looks (the others: see below)
+
+    async def create(name: str, stype: str, family: int, maxelem: int) -> None:
+        destroyed.append(name)
+
+    async def rest(*args: object, **kwargs: object) -> dict[int, object]:
+        return {}
+
+    monkeypatch.setattr(fw, "_rule_problems", rule_problems)
+    monkeypatch.setattr(fw, "_set_names", set_names)
+    monkeypatch.setattr(fw, "_inspect", inspect)
+    monkeypatch.setattr(fw, "_create", create)
+    monkeypatch.setattr(fw, "_lock_unguarded", rest)
+    monkeypatch.setattr(fw, "_apply", rest)
+    problems = asyncio.run(fw.verify(policy, sets=False))
+    assert destroyed == names  # the install created them (the fake says none was there)
+    assert problems[0].startswith("IPv4 filter chain")
+    assert problems[1:] == [f"set {n} re-created" for n in names]
+
+    # Positive twin: nothing created, nothing said about sets.
+    async def present(
+        name: str, family: int
+    ) -> tuple[tuple[str, int, int, bool, bool], list[object]]:
+        stype = "hash:ip,port" if name.endswith(("p4", "p6")) else "hash:ip"
+        fam = 10 if name.endswith("6") else 2
+        return (stype, fam, GrantSettings().maxelem, True, True), []
+
+    monkeypatch.setattr(fw, "_inspect", present)
+    assert asyncio.run(fw.verify(policy, sets=False)) == [
+        "IPv4 filter chain EGRESSD-P-agent: 13 rule(s) missing"
     ]
