@@ -52,20 +52,33 @@ class BlockLog:
         return sum(self._unlogged.values())
 
     def __call__(self, event: Event) -> None:
-        if event.PER_QUERY:
-            profile = str(getattr(event, "profile", ""))
-            now = self.clock()
-            b = self._buckets.get(profile)
-            if b is None:
-                b = self._buckets[profile] = _Bucket(self.burst, now)
-            b.tokens = min(self.burst, b.tokens + (now - b.last) * self.rate)
-            b.last = now
-            if b.tokens < 1.0:
-                self._unlogged[(profile, type(event).__name__)] += 1
-                self.unlogged_total += 1
-                return
-            b.tokens -= 1.0
+        if event.PER_QUERY and not self._spend(
+            str(getattr(event, "profile", "")), type(event).__name__
+        ):
+            return
         self.report(event)
+
+    def per_query(self, profile: str, kind: str, make: Callable[[], Event]) -> None:
+        """A per-query record of ``kind`` (its event class's name), made only if it is
+        to be logged: under a flood nearly none is, and making one costs more than the
+        rest of answering a repeated blocked query (Pipeline.repeat)."""
+        if self._spend(profile, kind):
+            self.report(make())
+
+    def _spend(self, profile: str, kind: str) -> bool:
+        """Take a token of the profile's budget; False (and counted) when there is none."""
+        now = self.clock()
+        b = self._buckets.get(profile)
+        if b is None:
+            b = self._buckets[profile] = _Bucket(self.burst, now)
+        b.tokens = min(self.burst, b.tokens + (now - b.last) * self.rate)
+        b.last = now
+        if b.tokens < 1.0:
+            self._unlogged[(profile, kind)] += 1
+            self.unlogged_total += 1
+            return False
+        b.tokens -= 1.0
+        return True
 
     def flush(self) -> None:
         """Report how many per-query records went unlogged since the last flush.

@@ -18,6 +18,7 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import dns.exception
@@ -50,6 +51,10 @@ RD = 0x0100
 NOERROR, SERVFAIL, REFUSED = 0, 2, 5
 # RFC 8914 Extended DNS Error codes egressd sends.
 EDE_OTHER, EDE_BLOCKED, EDE_NOT_SUPPORTED = 0, 15, 21
+
+
+# BlockLog.per_query: (profile, event class name, the record's maker).
+PerQuery = Callable[[str, str, Callable[[], Event]], None]
 
 
 class Resolver(Protocol):
@@ -116,6 +121,9 @@ class Pipeline:
         self.ledger = ledger
         self.cache = cache
         self.report = report
+        # A reporter with a per-query budget (blocklog.BlockLog) is asked first, so that a
+        # record it would not log is never made.
+        self._per_query: PerQuery | None = getattr(report, "per_query", None)
         self.stats = stats or Stats()
         self.clock = clock
         # The host's own addresses, kept current by the daemon (egressd.localaddrs): an
@@ -161,9 +169,13 @@ class Pipeline:
         if b is not None:
             stats.queries += 1
             stats.blocked += 1
-            self.report(
-                QueryBlocked(b.profile, b.uids, b.qname, b.qtype, b.verdict, b.rule, client=client)
+            record = partial(
+                QueryBlocked, b.profile, b.uids, b.qname, b.qtype, b.verdict, b.rule, client=client
             )
+            if self._per_query is not None:
+                self._per_query(b.profile, "QueryBlocked", record)
+            else:
+                self.report(record())
             return wire[:2] + got.tail
         entry = got.entry
         if entry is None:

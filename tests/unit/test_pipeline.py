@@ -1057,3 +1057,28 @@ def test_a_repeated_blocked_name_is_answered_recorded_and_counted_as_the_first()
     # A reload may have allowed it: not a repeat any more, decided again.
     r.pipeline.ref.generation += 1
     assert r.pipeline.repeat(wire("ads.example.com"), 153, "udp:127.0.0.1:2222") is None
+
+
+def test_a_blocked_repeat_over_the_log_budget_is_counted_not_recorded() -> None:
+    from egressd.blocklog import BlockLog
+
+    r = rig()
+    made: list[Event] = []
+    log = BlockLog(made.append, rate=0.0, burst=2.0, clock=r.clock)
+    p = Pipeline(r.pipeline.ref, r.resolver, r.firewall, r.ledger, Cache(10), log, r.stats, r.clock)
+
+    async def first() -> bytes | None:
+        return await p.handle(wire("ads.example.com"), 153, "udp:127.0.0.1:1")
+
+    assert asyncio.run(first()) is not None  # the full path: 1 token of 2 spent
+    q = wire("ads.example.com", qid=7)
+    assert p.repeat(q, 153, "udp:127.0.0.1:2") is not None  # the second token
+    for _ in range(5):
+        assert p.repeat(q, 153, "udp:127.0.0.1:3") is not None  # answered, not recorded
+    assert [e.client for e in made if isinstance(e, QueryBlocked)] == [
+        "udp:127.0.0.1:1",
+        "udp:127.0.0.1:2",
+    ]
+    assert log.unlogged == 5 and r.stats.blocked == 7
+    log.flush()
+    assert "agent:QueryBlocked=5" in str(made[-1])
