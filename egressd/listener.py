@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .pipeline import udp_client
 from .stats import Stats
 
 
@@ -37,7 +38,8 @@ class Handler(Protocol):
 
 
 # Pipeline.repeat: the reply to a repeat of a recent query, without reading it, or None.
-Repeat = Callable[[bytes, int, str], bytes | None]
+Repeat = Callable[[bytes, int, tuple[Any, ...]], bytes | None]
+
 
 MAX_TCP_MESSAGE = 65535
 MAX_UDP_MESSAGE = 65535
@@ -80,11 +82,11 @@ class _UDP:
                 return
             except OSError:
                 continue  # an ICMP error of an earlier reply: nothing to do
-            client = f"udp:{addr[0]}:{addr[1]}"
-            wire = repeat(data, lst.port, client) if repeat is not None else None
+            wire = repeat(data, lst.port, addr) if repeat is not None else None
             if wire is not None:
                 self._send(wire, addr)
                 continue
+            client = udp_client(addr)
             # At the bound of queries in flight, only what needs no waiting is answered
             # (blocked names, refusals, cache hits): a blocked query never waits.
             lst.run(self._answer(data, addr, client, lst.inflight < lst.max_inflight))

@@ -18,8 +18,7 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
-from typing import Protocol
+from typing import Any, Protocol
 
 import dns.exception
 import dns.flags
@@ -148,7 +147,7 @@ class Pipeline:
         self.cache.clear()
         return True
 
-    def repeat(self, wire: bytes, port: int, client: str) -> bytes | None:
+    def repeat(self, wire: bytes, port: int, addr: tuple[Any, ...]) -> bytes | None:
         """The reply to a repeat of a recent UDP query, without reading it; None: ``handle``.
 
         A cache hit is most of what an agent asks (every `npm install` asks for the
@@ -169,9 +168,14 @@ class Pipeline:
         if b is not None:
             stats.queries += 1
             stats.blocked += 1
-            record = partial(
-                QueryBlocked, b.profile, b.uids, b.qname, b.qtype, b.verdict, b.rule, client=client
-            )
+
+            def record() -> QueryBlocked:
+                # The client's text is made here: most repeats of a flood are not recorded.
+                client = f"udp:{addr[0]}:{addr[1]}"
+                return QueryBlocked(
+                    b.profile, b.uids, b.qname, b.qtype, b.verdict, b.rule, "", client
+                )
+
             if self._per_query is not None:
                 self._per_query(b.profile, "QueryBlocked", record)
             else:
@@ -492,6 +496,11 @@ class Pipeline:
             r = replies.refused(m, problem)
             return replies.to_wire(r, replies.udp_limit(r))
         return _query_of(m)
+
+
+def udp_client(addr: tuple[Any, ...]) -> str:
+    """How records name a UDP client: "udp:ADDRESS:PORT" (TCP ones: "tcp:...")."""
+    return f"udp:{addr[0]}:{addr[1]}"
 
 
 def ports_of(decision: Decision, pp: ProfilePolicy) -> tuple[int, ...]:

@@ -990,15 +990,15 @@ def test_a_repeat_of_a_cached_answer_gets_the_same_reply_with_its_own_id() -> No
     r.resolver.add("www.example.com", "A", (("www.example.com.", 3600, "A", "192.0.2.10"),))
     first = r.ask(wire("www.example.com", qid=1))
     assert first is not None
-    again = r.pipeline.repeat(wire("www.example.com", qid=2), 153, "udp:127.0.0.1:5555")
+    again = r.pipeline.repeat(wire("www.example.com", qid=2), 153, ("127.0.0.1", 5555))
     assert again is not None
     reply = dns.message.from_wire(again)
     assert reply.id == 2 and addresses(reply) == ["192.0.2.10"]
     assert again[2:] == first.to_wire()[2:]
     assert (r.stats.queries, r.stats.cache_hits, r.stats.allowed) == (2, 1, 2)
     # Other bytes after the id (another EDNS size, another port): not a repeat.
-    assert r.pipeline.repeat(wire("www.example.com", edns=-1), 153, "udp:127.0.0.1:5555") is None
-    assert r.pipeline.repeat(wire("www.example.com"), 154, "udp:127.0.0.1:5555") is None
+    assert r.pipeline.repeat(wire("www.example.com", edns=-1), 153, ("127.0.0.1", 5555)) is None
+    assert r.pipeline.repeat(wire("www.example.com"), 154, ("127.0.0.1", 5555)) is None
 
 
 def test_a_repeat_is_not_served_once_what_its_reply_depends_on_changed() -> None:
@@ -1009,21 +1009,21 @@ def test_a_repeat_is_not_served_once_what_its_reply_depends_on_changed() -> None
     def fresh() -> bytes | None:
         """Ask through the full path (which remembers the reply), then as a repeat."""
         assert r.ask(q) is not None
-        return r.pipeline.repeat(q, 153, "udp:127.0.0.1:5555")
+        return r.pipeline.repeat(q, 153, ("127.0.0.1", 5555))
 
-    assert r.pipeline.repeat(q, 153, "udp:127.0.0.1:5555") is None  # nothing answered yet
+    assert r.pipeline.repeat(q, 153, ("127.0.0.1", 5555)) is None  # nothing answered yet
     assert fresh() is not None  # the positive twin of each case below
     r.clock.now += 1  # one more whole second of age: the TTLs change
-    assert r.pipeline.repeat(q, 153, "udp:127.0.0.1:5555") is None
+    assert r.pipeline.repeat(q, 153, ("127.0.0.1", 5555)) is None
     assert fresh() is not None
     r.pipeline.ref.generation += 1  # a reload
-    assert r.pipeline.repeat(q, 153, "udp:127.0.0.1:5555") is None
+    assert r.pipeline.repeat(q, 153, ("127.0.0.1", 5555)) is None
     assert fresh() is not None
     r.pipeline.cache.clear()  # an address change, or a set re-created
-    assert r.pipeline.repeat(q, 153, "udp:127.0.0.1:5555") is None
+    assert r.pipeline.repeat(q, 153, ("127.0.0.1", 5555)) is None
     assert fresh() is not None
     r.clock.now += 3000  # past the grant window: the ledger must be asked again
-    assert r.pipeline.repeat(q, 153, "udp:127.0.0.1:5555") is None
+    assert r.pipeline.repeat(q, 153, ("127.0.0.1", 5555)) is None
     skips = r.stats.grant_skips
     assert fresh() is not None and r.stats.grant_skips == skips + 1
 
@@ -1037,16 +1037,16 @@ def test_tcp_answers_are_never_repeats() -> None:
         return await r.pipeline.handle(q, 153, "tcp:127.0.0.1:5555", udp=False)
 
     assert asyncio.run(over_tcp()) is not None
-    assert r.pipeline.repeat(q, 153, "udp:127.0.0.1:5555") is None
+    assert r.pipeline.repeat(q, 153, ("127.0.0.1", 5555)) is None
     assert r.ask(q) is not None  # positive twin: the same query over UDP
-    assert r.pipeline.repeat(q, 153, "udp:127.0.0.1:5555") is not None
+    assert r.pipeline.repeat(q, 153, ("127.0.0.1", 5555)) is not None
 
 
 def test_a_repeated_blocked_name_is_answered_recorded_and_counted_as_the_first() -> None:
     r = rig()
     first = r.ask(wire("ads.example.com", qid=1), client="udp:127.0.0.1:1111")
     assert first is not None and first.rcode() == dns.rcode.NXDOMAIN
-    again = r.pipeline.repeat(wire("ads.example.com", qid=2), 153, "udp:127.0.0.1:2222")
+    again = r.pipeline.repeat(wire("ads.example.com", qid=2), 153, ("127.0.0.1", 2222))
     assert again is not None and dns.message.from_wire(again).id == 2
     assert again[2:] == first.to_wire()[2:]
     one, two = r.events
@@ -1056,7 +1056,7 @@ def test_a_repeated_blocked_name_is_answered_recorded_and_counted_as_the_first()
     assert r.resolver.calls == []
     # A reload may have allowed it: not a repeat any more, decided again.
     r.pipeline.ref.generation += 1
-    assert r.pipeline.repeat(wire("ads.example.com"), 153, "udp:127.0.0.1:2222") is None
+    assert r.pipeline.repeat(wire("ads.example.com"), 153, ("127.0.0.1", 2222)) is None
 
 
 def test_a_blocked_repeat_over_the_log_budget_is_counted_not_recorded() -> None:
@@ -1072,9 +1072,9 @@ def test_a_blocked_repeat_over_the_log_budget_is_counted_not_recorded() -> None:
 
     assert asyncio.run(first()) is not None  # the full path: 1 token of 2 spent
     q = wire("ads.example.com", qid=7)
-    assert p.repeat(q, 153, "udp:127.0.0.1:2") is not None  # the second token
+    assert p.repeat(q, 153, ("127.0.0.1", 2)) is not None  # the second token
     for _ in range(5):
-        assert p.repeat(q, 153, "udp:127.0.0.1:3") is not None  # answered, not recorded
+        assert p.repeat(q, 153, ("127.0.0.1", 3)) is not None  # answered, not recorded
     assert [e.client for e in made if isinstance(e, QueryBlocked)] == [
         "udp:127.0.0.1:1",
         "udp:127.0.0.1:2",
