@@ -94,6 +94,18 @@ class _Repeat:
     blocked: QueryBlocked | None = None
 
 
+@dataclass(slots=True)
+class _Ask:
+    """One query on its way through the pipeline: what each step needs to know of it."""
+
+    q: Query
+    client: str  # "udp:ADDRESS:PORT" / "tcp:...", for records
+    limit: int  # the largest reply the client takes
+    wait: bool  # may wait for the upstream or the kernel (see Pipeline.handle)
+    repeat: tuple[int, bytes] | None  # its key for Pipeline.repeat (UDP only)
+    generation: int = 0  # the policy generation it is being decided under
+
+
 class _Stale(Exception):
     """The policy changed while this answer was being made."""
 
@@ -217,35 +229,31 @@ class Pipeline:
             if not isinstance(odd, Query):
                 return odd
             q = odd
-        limit = dnswire.udp_limit(q) if udp else 65535
-        repeat = (port, wire[2:]) if udp else None
+        ask = _Ask(
+            q,
+            client,
+            limit=dnswire.udp_limit(q) if udp else 65535,
+            wait=wait,
+            repeat=(port, wire[2:]) if udp else None,
+        )
         try:
             for _ in range(STALE_RETRIES):
+                ask.generation = self.ref.generation
                 try:
-                    return await self._answer(
-                        q, port, client, limit, self.ref.generation, wait, repeat
-                    )
+                    return await self._answer(ask, port)
                 except _Stale:
                     self.stats.stale_answers += 1
-            return self._fail(q, limit, "the policy kept changing")
+            return self._fail(ask, "the policy kept changing")
         except _Wait:
             self.stats.dropped_busy += 1  # the client retries; better than queueing forever
             return None
         except Exception as err:  # noqa: BLE001 - a bug must cost one answer, not the daemon
             self.stats.internal_errors += 1
             self.report(Error("pipeline", f"{type(err).__name__}: {err}"))
-            return self._fail(q, limit, "internal error")
+            return self._fail(ask, "internal error")
 
-    async def _answer(
-        self,
-        q: Query,
-        port: int,
-        client: str,
-        limit: int,
-        generation: int,
-        wait: bool,
-        repeat: tuple[int, bytes] | None,
-    ) -> bytes:
+    async def _answer(self, ask: _Ask, port: int) -> bytes:
+        q = ask.q
         pp = self.ref.policy.by_port.get(port)
         if pp is None:  # a listener that a reload is retiring
             self.stats.refused += 1
@@ -254,8 +262,8 @@ class Pipeline:
             )
         decision = decide(pp.matcher, q.labels)
         if not decision.allowed:
-            return self._blocked(q, pp, decision, client, limit, repeat=repeat)
-        return await self._allowed(q, pp, decision, client, limit, generation, wait, repeat)
+            return self._blocked(ask, pp, decision, remember=True)
+        return await self._allowed(ask, pp, decision)
 
     def _check(self, generation: int) -> None:
         if self.ref.generation != generation:
@@ -265,14 +273,16 @@ class Pipeline:
 
     def _blocked(
         self,
-        q: Query,
+        ask: _Ask,
         pp: ProfilePolicy,
         decision: Decision,
-        client: str,
-        limit: int,
         reason: str = "",
-        repeat: tuple[int, bytes] | None = None,
+        *,
+        remember: bool = False,
     ) -> bytes:
+        """``remember``: a decision of the policy alone (not of an upstream answer's
+        CNAME chain), so a repeat of the query may be given the same reply."""
+        q = ask.q
         self.stats.blocked += 1
         record = QueryBlocked(
             profile=pp.profile.name,
@@ -282,33 +292,24 @@ class Pipeline:
             verdict=decision.verdict.value,
             rule=decision.source,
             reason=reason,
-            client=client,
+            client=ask.client,
         )
         self.report(record)
         reply = dnswire.reply(
             q,
             self.ref.policy.blocked_rcode,
             ede=(EDE_BLOCKED, replies.BLOCKED_TEXT),
-            max_size=limit,
+            max_size=ask.limit,
         )
-        if repeat is not None:
-            self._remember(repeat, _Repeat(self.ref.generation, reply[2:], blocked=record))
+        if remember and ask.repeat is not None:
+            self._remember(ask.repeat, _Repeat(ask.generation, reply[2:], blocked=record))
         return reply
 
     # --- allowed -----------------------------------------------------------------------------
 
-    async def _allowed(
-        self,
-        q: Query,
-        pp: ProfilePolicy,
-        decision: Decision,
-        client: str,
-        limit: int,
-        generation: int,
-        wait: bool,
-        repeat: tuple[int, bytes] | None,
-    ) -> bytes:
+    async def _allowed(self, ask: _Ask, pp: ProfilePolicy, decision: Decision) -> bytes:
         """Look up or resolve, grant, reply (and remember the reply for ``repeat``)."""
+        q = ask.q
         now = self.clock()
         # Per profile: the CNAME chain was checked against this profile's deny rules only.
         key = (pp.profile.name, q.labels, q.qtype)
@@ -316,10 +317,10 @@ class Pipeline:
         if hit is not None:
             self.stats.cache_hits += 1
             entry, age = hit.entry, hit.age
-        elif not wait:
+        elif not ask.wait:
             raise _Wait
         else:
-            resolved = await self._resolve(q, pp, client, limit, generation, now)
+            resolved = await self._resolve(ask, pp, now)
             if isinstance(resolved, bytes):
                 return resolved  # SERVFAIL, or blocked by a CNAME target
             entry, age = resolved, 0
@@ -328,25 +329,23 @@ class Pipeline:
         # Allow before reply: the addresses are in the kernel set before the agent sees them.
         try:
             if now >= entry.rearm_at:
-                await self._grant(
-                    pp, q.labels, entry, age, ports_of(decision, pp), generation, wait
-                )
+                await self._grant(ask, pp, entry, age, ports_of(decision, pp))
         except FirewallError as err:
             self.stats.servfail_grant += 1
             self.report(GrantFailed(pp.profile.name, dnswire.name_text(q.raw), str(err)))
-            return self._fail(q, limit, "could not allow the answer's addresses")
-        self._check(generation)  # a reload during the kernel write: decide again
+            return self._fail(ask, "could not allow the answer's addresses")
+        self._check(ask.generation)  # a reload during the kernel write: decide again
         self.stats.allowed += 1
         an, ancount, ns, nscount = entry.sections(age, q.labels)
-        reply = dnswire.reply(q, entry.rcode, an, ancount, ns, nscount, max_size=limit)
-        if repeat is not None and entry.rearm_at > now:
-            self._remember(repeat, _Repeat(generation, reply[2:], entry, self.cache.epoch, age))
+        reply = dnswire.reply(q, entry.rcode, an, ancount, ns, nscount, max_size=ask.limit)
+        if ask.repeat is not None and entry.rearm_at > now:
+            made = _Repeat(ask.generation, reply[2:], entry, self.cache.epoch, age)
+            self._remember(ask.repeat, made)
         return reply
 
-    async def _resolve(
-        self, q: Query, pp: ProfilePolicy, client: str, limit: int, generation: int, now: float
-    ) -> Entry | bytes:
+    async def _resolve(self, ask: _Ask, pp: ProfilePolicy, now: float) -> Entry | bytes:
         """Ask the upstream; the entry to serve (and cache), or the reply that ends the query."""
+        q = ask.q
         try:
             wire = await self.resolver.resolve(q.labels, q.qtype, bool(q.flags & RD))
             response = dnswire.parse_response(wire)
@@ -354,19 +353,19 @@ class Pipeline:
             self.stats.servfail_upstream += 1
             what = str(err) if isinstance(err, UpstreamError) else f"malformed answer: {err}"
             self.report(UpstreamFailed(pp.profile.name, dnswire.name_text(q.raw) + ".", what))
-            return self._fail(q, limit, "upstream failed")
-        self._check(generation)  # decided under a policy a reload has replaced since
+            return self._fail(ask, "upstream failed")
+        self._check(ask.generation)  # decided under a policy a reload has replaced since
         ans = answers.extract(response)
         deny = decide_chain(pp.matcher, ans.chain[1:])
         if deny is not None:
-            return self._blocked(q, pp, deny, client, limit, reason="CNAME target denied")
+            return self._blocked(ask, pp, deny, reason="CNAME target denied")
         ceiling = self.ref.policy.config.grants.ceiling
         # Rebinding guard: loopback, private, metadata and this host's addresses leave the
         # answer here, before the cache, so neither a grant nor a hit ever sees them.
         screened = self._screen(pp, q.labels, [a.ip for a in ans.addresses])
         if not screened.dropped:
             return cache.entry(response, ans, now, ceiling)
-        self._filtered(q, pp, screened, client)
+        self._filtered(ask, pp, screened)
         if not screened.kept:
             return cache.emptied(ans, self.ref.policy.rebind_rcode, now, ceiling)
         return cache.entry(response, ans.without({d.ip for d in screened.dropped}), now, ceiling)
@@ -381,9 +380,8 @@ class Pipeline:
             self._exceptions[p.name] = got
         return rebind.screen(ips, got[1], self.local_addresses, labels)
 
-    def _filtered(
-        self, q: Query, pp: ProfilePolicy, screened: rebind.Screened, client: str
-    ) -> None:
+    def _filtered(self, ask: _Ask, pp: ProfilePolicy, screened: rebind.Screened) -> None:
+        q = ask.q
         self.report(
             AnswerFiltered(
                 profile=pp.profile.name,
@@ -393,19 +391,12 @@ class Pipeline:
                 rules=tuple(d.why.rule for d in screened.dropped),
                 reason="; ".join(f"{d.ip}: {d.why}" for d in screened.dropped),
                 kept=len(screened.kept),
-                client=client,
+                client=ask.client,
             )
         )
 
     async def _grant(
-        self,
-        pp: ProfilePolicy,
-        labels: Labels,
-        entry: Entry,
-        age: int,
-        ports: tuple[int, ...],
-        generation: int,
-        wait: bool,
+        self, ask: _Ask, pp: ProfilePolicy, entry: Entry, age: int, ports: tuple[int, ...]
     ) -> None:
         addrs = entry.addresses_at(age)
         if not addrs:
@@ -414,11 +405,11 @@ class Pipeline:
         p = pp.profile
         settings = self.ref.policy.config.grants
         now = self.clock()
-        name = name_of(labels)
+        name = name_of(ask.q.labels)
         wanted = [(e, a.ttl) for a in addrs for e in entries_for(p, a.ip, a.family, ports, name)]
         plan = self.ledger.plan(wanted, settings, now)
         self.stats.grant_skips += len(wanted) - len(plan)
-        self._check(generation)  # never write a grant of a replaced policy
+        self._check(ask.generation)  # never write a grant of a replaced policy
         reason = Reason(
             p.name,
             name,
@@ -427,7 +418,7 @@ class Pipeline:
             {a.ip: now + grant_timeout(a.ttl, settings) for a in addrs},
         )
         if plan:
-            if not wait:
+            if not ask.wait:
                 raise _Wait
             self.granting += 1
             try:
@@ -444,10 +435,11 @@ class Pipeline:
             self.ledger.justify(reason)
         # Later hits skip all of this while the ledger's plan would write nothing: while
         # every entry has at least the longest grant a later hit can ask for (the TTLs
-        # left now: they only shrink) minus the plan's slack left. Expiries in the ledger only grow;
-        # a reload, or a set re-created behind egressd's back, clears the cache. (The
-        # reason's recorded expiry is then not re-armed by those hits; it lags by at most
-        # that window, and only a reload reads it: the entry is re-timed, never extended.)
+        # left now: they only shrink) minus the plan's slack left. Expiries in the ledger
+        # only grow; a reload, or a set re-created behind egressd's back, clears the cache.
+        # (The reason's recorded expiry is then not re-armed by those hits; it lags by at
+        # most that window, and only a reload reads it: the entry is re-timed, never
+        # extended.)
         longest = grant_timeout(max(a.ttl for a in addrs), settings)
         until = self.ledger.until([e.key for e, _ in wanted])
         entry.rearm_at = until - longest + settings.grace // 2
@@ -473,8 +465,10 @@ class Pipeline:
 
     # --- the rest ----------------------------------------------------------------------------
 
-    def _fail(self, q: Query, limit: int, text: str) -> bytes:
-        return dnswire.reply(q, SERVFAIL, ede=(EDE_OTHER, f"egressd: {text}"), max_size=limit)
+    def _fail(self, ask: _Ask, text: str) -> bytes:
+        return dnswire.reply(
+            ask.q, SERVFAIL, ede=(EDE_OTHER, f"egressd: {text}"), max_size=ask.limit
+        )
 
     def _odd(self, wire: bytes, port: int, client: str) -> Query | bytes | None:
         """A message dnswire does not read: dnspython parses it; a supported query comes
