@@ -353,8 +353,7 @@ class Daemon:
             self.report(Reloaded(config.path, new.digest))
             return True
         finally:
-            _tune_gc()
-        sdnotify.ready(self._status())
+            sdnotify.ready(self._status())
 
     async def _revoke(self, policy: Policy) -> None:
         """Make the sets match the new policy: what it still justifies stays, what only
