@@ -377,6 +377,9 @@ def _expand(
     return b"".join(parts)
 
 
+_ADDRESS_SIZE = {_TYPE_A: 4, _TYPE_AAAA: 16}
+
+
 def _records(wire: bytes, off: int, count: int, seen: dict[int, _Name], out: list[Record]) -> int:
     n = len(wire)
     for _ in range(count):
@@ -399,6 +402,9 @@ def _records(wire: bytes, off: int, count: int, seen: dict[int, _Name], out: lis
         off = rdata_start + rdlength
         if off > n:
             raise WireError(f"rdata at offset {rdata_start} runs past the end of the message")
+        if rclass == _CLASS_IN and _ADDRESS_SIZE.get(rtype, rdlength) != rdlength:
+            # An address of the wrong size: nothing to grant, and no reply may carry it.
+            raise WireError(f"type {rtype} record at offset {rdata_start} has {rdlength} bytes")
         shape = _RDATA_NAMES.get(rtype)
         if shape is None:
             rdata = wire[rdata_start:off]

@@ -549,6 +549,14 @@ def test_record_wire_points_at_the_question_only_for_its_own_name() -> None:
             id="NAPTR string past its rdata",
         ),
         pytest.param(response(b"\xc0\x0c" + A_RDATA, an=1, ns=1), id="counted authority missing"),
+        pytest.param(
+            response(b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x05" + bytes(5)),
+            id="A of 5 bytes",
+        ),
+        pytest.param(
+            response(b"\xc0\x0c\x00\x1c\x00\x01\x00\x00\x00\x3c\x00\x04" + bytes(4)),
+            id="AAAA of 4 bytes",
+        ),
     ],
 )
 def test_malformed_answers_are_wire_errors(wire: bytes) -> None:
@@ -563,7 +571,7 @@ def test_names_longer_than_255_bytes_are_refused_even_when_compressed() -> None:
     prev = 12
     for _ in range(4):
         at = ANS + len(body)
-        body += b"\x3f" + b"a" * 63 + ptr(prev) + struct.pack("!HHIH", 1, 1, 60, 0)
+        body += b"\x3f" + b"a" * 63 + ptr(prev) + struct.pack("!HHIH", 16, 1, 60, 0)  # TXT
         prev = at
     with pytest.raises(WireError, match="longer than 255"):
         parse_response(response(bytes(body), an=4))
