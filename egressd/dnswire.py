@@ -41,6 +41,7 @@ _TYPE_OPT, _CLASS_IN = 41, 1
 _REFUSED_QTYPES = frozenset((41, 251, 252))  # OPT, IXFR, AXFR: the full path's business
 _OPTION_PADDING = 12  # RFC 7830: dnspython pads a reply to such a query (see parse_query)
 _OPTION_EDE = 15  # RFC 8914
+BLOCKED_TEXT = "blocked by egressd policy"  # the EDE text of a blocked name (RFC 8914)
 _MAX_NAME = 255  # RFC 1035 2.3.4, in wire form including the root label
 _MAX_HOPS = 64  # compression pointers followed for one name (no real name needs more)
 _TYPE_A, _TYPE_AAAA, _TYPE_CNAME, _TYPE_DNAME = 1, 28, 5, 39

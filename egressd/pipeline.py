@@ -18,16 +18,11 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import dns.exception
-import dns.flags
-import dns.message
-import dns.opcode
-import dns.rdataclass
 import dns.rdatatype
 
-from . import answers, cache, dnswire, rebind, replies
+from . import answers, cache, dnswire, rebind
 from .allowlist import Labels
 from .cache import Cache, Entry
 from .dnswire import Query
@@ -45,6 +40,9 @@ from .firewall.base import Write, entries_for, family_of
 from .ledger import Ledger, Reason, grant_timeout, name_of
 from .policy import Decision, Policy, ProfilePolicy, decide, decide_chain
 from .stats import Stats
+
+if TYPE_CHECKING:
+    import dns.message
 
 RD = 0x0100
 NOERROR, SERVFAIL, REFUSED = 0, 2, 5
@@ -298,7 +296,7 @@ class Pipeline:
         reply = dnswire.reply(
             q,
             self.ref.policy.blocked_rcode,
-            ede=(EDE_BLOCKED, replies.BLOCKED_TEXT),
+            ede=(EDE_BLOCKED, dnswire.BLOCKED_TEXT),
             max_size=ask.limit,
         )
         if remember and ask.repeat is not None:
@@ -472,7 +470,17 @@ class Pipeline:
 
     def _odd(self, wire: bytes, port: int, client: str) -> Query | bytes | None:
         """A message dnswire does not read: dnspython parses it; a supported query comes
-        back as a Query, an unsupported one gets REFUSED, anything else is dropped."""
+        back as a Query, an unsupported one gets REFUSED, anything else is dropped.
+
+        dnspython's message module is imported here, on the first such message: the
+        common path never needs it, and importing it costs the start ~12 ms.
+        """
+        import dns.exception
+        import dns.flags
+        import dns.message
+
+        from . import replies
+
         try:
             m = dns.message.from_wire(wire)
         except (dns.exception.DNSException, ValueError, IndexError, UnicodeError):
@@ -511,6 +519,9 @@ def _type_text(qtype: int) -> str:
 
 
 def _unsupported(query: dns.message.Message) -> str:
+    import dns.opcode
+    import dns.rdataclass
+
     if query.opcode() != dns.opcode.QUERY:
         return f"opcode {dns.opcode.to_text(query.opcode())} not supported"
     if len(query.question) != 1:

@@ -17,8 +17,9 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 
+from .dnswire import BLOCKED_TEXT
+
 OUR_PAYLOAD = 1232  # the DNS flag day 2020 size: no IP fragmentation of UDP replies
-BLOCKED_TEXT = "blocked by egressd policy"
 
 
 def udp_limit(reply: dns.message.Message) -> int:
