@@ -28,7 +28,7 @@ import dns.name
 
 Labels = tuple[bytes, ...]  # egressd.allowlist.Labels: lower-cased, leftmost first
 
-OUR_PAYLOAD = 1232  # replies.OUR_PAYLOAD (not imported: replies pulls in dnspython's message)
+OUR_PAYLOAD = 1232  # the DNS flag day 2020 size: no IP fragmentation of UDP messages
 
 _HEADER = struct.Struct("!HHHHHH")  # id, flags, qdcount, ancount, nscount, arcount
 _TYPE_CLASS = struct.Struct("!HH")

@@ -17,9 +17,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 
-from .dnswire import BLOCKED_TEXT
-
-OUR_PAYLOAD = 1232  # the DNS flag day 2020 size: no IP fragmentation of UDP replies
+from .dnswire import BLOCKED_TEXT, OUR_PAYLOAD
 
 
 def udp_limit(reply: dns.message.Message) -> int:

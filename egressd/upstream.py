@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from functools import partial
 
 from .config import Upstream
+from .dnswire import OUR_PAYLOAD
 from .errors import UpstreamError
-
-OUR_PAYLOAD = 1232
 
 Labels = tuple[bytes, ...]  # as egressd.allowlist.Labels: lower-cased, leftmost first
 
