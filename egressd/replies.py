@@ -1,4 +1,9 @@
-"""Building the messages egressd sends back to the agent (pure, no I/O).
+"""egressd's replies built with dnspython: the reference for ``dnswire`` (pure, no I/O).
+
+The daemon writes its replies with ``dnswire``; it uses this module only to refuse client
+messages of a shape ``dnswire`` does not read (several questions, another opcode or
+class), which dnspython reads. The rest (``blocked``, ``servfail``, ``answer``) is the
+specification ``dnswire.reply`` is held to byte for byte (tests/unit/test_dnswire.py).
 
 Every reply is made from the client's own query (its id and question, as the client spelled
 it) plus egressd's own flags and EDNS; nothing of an upstream message is passed on except
