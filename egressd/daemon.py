@@ -286,7 +286,7 @@ class Daemon:
                     tcp_idle_timeout=d.tcp_idle_timeout,
                     tcp_max_connections=d.tcp_max_connections,
                     ipv6=ipv6_available(),
-                    repeat=self.pipeline.repeat,  # repeats of cached answers, unread
+                    repeat=self.pipeline.repeat,  # repeated cached/blocked queries, unparsed
                 )
                 await lst.start()
                 self.listeners[port] = lst

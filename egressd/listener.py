@@ -62,8 +62,8 @@ class _UDP:
     """One UDP socket, read directly: every readable event drains up to UDP_BATCH datagrams.
 
     asyncio's datagram transport reads one datagram per readable event, a loop turn each;
-    reading a batch per turn is most of what a flood of cheap (blocked, cached) queries
-    costs less this way. The batch is bounded, so each profile's socket is served in turn.
+    a flood of cheap (blocked, cached) queries costs less read in batches. The batch is
+    bounded, so each profile's socket is served in turn.
     """
 
     def __init__(self, listener: Listener, sock: socket.socket) -> None:

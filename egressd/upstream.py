@@ -57,7 +57,7 @@ def name_wire(labels: Labels) -> bytes:
 def build_query(qid: int, labels: Labels, qtype: int, rd: bool) -> bytes:
     """The upstream query: RD as given, one IN question, EDNS0 with payload 1232, no
     options, DO clear (byte for byte what dnspython's make_query renders for this)."""
-    return _header(qid, rd) + name_wire(labels) + struct.pack("!HH", qtype, _CLASS_IN) + _OPT
+    return _Question(name_wire(labels), struct.pack("!HH", qtype, _CLASS_IN), rd).query(qid)
 
 
 def _header(qid: int, rd: bool) -> bytes:
@@ -107,6 +107,10 @@ class _Question:
     name: bytes  # wire form, lower-cased
     typeclass: bytes  # type and class IN, as on the wire
     rd: bool
+
+    def query(self, qid: int) -> bytes:
+        """The query message asking this question with id ``qid``."""
+        return _header(qid, self.rd) + self.name + self.typeclass + _OPT
 
 
 def _expire(fut: asyncio.Future[bytes], timeout: float) -> None:
@@ -221,7 +225,7 @@ class UpstreamResolver:
 
     async def _udp_try(self, target: _Target, q: _Question) -> bytes:
         loop = asyncio.get_running_loop()
-        query = _header(secrets.randbits(16), q.rd) + q.name + q.typeclass + _OPT
+        query = q.query(secrets.randbits(16))
         sock = socket.socket(target.family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         fd = sock.fileno()
         fut: asyncio.Future[bytes] = loop.create_future()
@@ -261,7 +265,7 @@ class UpstreamResolver:
 
     async def _tcp_try(self, target: _Target, q: _Question) -> bytes:
         """The same question over TCP (after a truncated UDP answer; rare)."""
-        query = _header(secrets.randbits(16), q.rd) + q.name + q.typeclass + _OPT
+        query = q.query(secrets.randbits(16))
         async with asyncio.timeout(self.timeout):
             reader, writer = await asyncio.open_connection(*target.sockaddr)
             self._tcp.add(writer)
