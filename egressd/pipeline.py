@@ -16,7 +16,7 @@ import functools
 import math
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -36,7 +36,7 @@ from .events import (
     QueryRefused,
     UpstreamFailed,
 )
-from .firewall.base import Write, entries_for, family_of
+from .firewall.base import Allower, Write, entries_for, family_of
 from .ledger import Ledger, Reason, grant_timeout, name_of
 from .policy import Decision, Policy, ProfilePolicy, decide, decide_chain
 from .stats import Stats
@@ -56,10 +56,6 @@ PerQuery = Callable[[str, str, Callable[[], Event]], None]
 
 class Resolver(Protocol):
     async def resolve(self, labels: Labels, qtype: int, rd: bool) -> bytes: ...
-
-
-class Allower(Protocol):
-    async def allow(self, writes: Sequence[Write]) -> None: ...
 
 
 @dataclass(slots=True)

@@ -64,7 +64,15 @@ def family_of(ip: str) -> int:
 Found = Mapping[str, Sequence[Write]]
 
 
-class Firewall(Protocol):
+class Allower(Protocol):
+    """The part of the firewall the query path uses."""
+
+    async def allow(self, writes: Sequence[Write]) -> None:
+        """Put addresses into sets; returns only once the kernel has acknowledged them."""
+        ...
+
+
+class Firewall(Allower, Protocol):
     families: tuple[int, ...]  # the IP versions enforced (4, and 6 where the host has it)
 
     async def install(self, policy: Policy) -> Found:
@@ -81,10 +89,6 @@ class Firewall(Protocol):
 
     async def mark_clashes(self, policy: Policy) -> list[str]:
         """Other rules that write the conntrack mark bits egressd's rules rely on."""
-        ...
-
-    async def allow(self, writes: Sequence[Write]) -> None:
-        """Put addresses into sets; returns only once the kernel has acknowledged them."""
         ...
 
     async def revoke(self, writes: Sequence[Write]) -> None:
