@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from .allowlist import Labels
-from .config import GrantSettings, profile_of, set_name
-from .firewall.base import TCP, UDP, Key, Write, family_of
+from .config import GrantSettings, profile_of
+from .firewall.base import Key, Write, entries_for, family_of
 
 
 def grant_timeout(ttl: int, settings: GrantSettings) -> int:
@@ -63,16 +63,11 @@ class Reason:
 
     def keys(self) -> list[Key]:
         """The set entries this reason's addresses were granted as."""
-        ports = self.ports
-        out: list[Key] = []
-        for ip in self.addrs:
-            family = family_of(ip)
-            if not ports:
-                out.append((set_name(self.profile, family, False), ip, 0, 0))
-            else:
-                s = set_name(self.profile, family, True)
-                out.extend((s, ip, proto, port) for port in ports for proto in (TCP, UDP))
-        return out
+        return [
+            e.key
+            for ip in self.addrs
+            for e in entries_for(self.profile, ip, family_of(ip), self.ports)
+        ]
 
 
 # What a reload's policy says of a reason: None (no longer allowed), or the entries it

@@ -400,7 +400,9 @@ class Pipeline:
         settings = self.ref.policy.config.grants
         now = self.clock()
         name = name_of(ask.q.labels)
-        wanted = [(e, a.ttl) for a in addrs for e in entries_for(p, a.ip, a.family, ports, name)]
+        wanted = [
+            (e, a.ttl) for a in addrs for e in entries_for(p.name, a.ip, a.family, ports, name)
+        ]
         plan = self.ledger.plan(wanted, settings, now)
         self.stats.grant_skips += len(wanted) - len(plan)
         self._check(ask.generation)  # never write a grant of a replaced policy
@@ -454,7 +456,9 @@ class Pipeline:
         ports = ports_of(decision, pp)
         kept = self._screen(pp, reason.labels, list(reason.addrs)).kept
         return [
-            e for ip in kept for e in entries_for(pp.profile, ip, family_of(ip), ports, reason.name)
+            e
+            for ip in kept
+            for e in entries_for(reason.profile, ip, family_of(ip), ports, reason.name)
         ]
 
     # --- the rest ----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..config import Profile
+from ..config import set_name
 from ..policy import Policy
 
 TCP, UDP = 6, 17  # IP protocol numbers, as hash:ip,port entries carry them
@@ -43,16 +43,17 @@ class Write:
 
 
 def entries_for(
-    profile: Profile, ip: str, family: int, ports: Sequence[int], name: str = ""
+    profile: str, ip: str, family: int, ports: Sequence[int], name: str = ""
 ) -> list[Write]:
-    """The set entries (timeout 0, to be filled in) that grant ``ip`` on ``ports``.
+    """The set entries (timeout 0, to be filled in) that grant ``ip`` on ``ports`` in the
+    sets of the profile named ``profile``.
 
     No ports: one entry of the every-port set. Else one hash:ip,port entry per port and
     protocol (TCP and UDP). ``name`` (the allowed name) becomes the entries' comment.
     """
     if not ports:
-        return [Write(profile.set_for(family, False), family, ip, 0, comment=name)]
-    s = profile.set_for(family, True)
+        return [Write(set_name(profile, family, False), family, ip, 0, comment=name)]
+    s = set_name(profile, family, True)
     return [Write(s, family, ip, 0, proto, port, name) for port in ports for proto in (TCP, UDP)]
 
 

@@ -253,9 +253,9 @@ P4 = "egressd-agent-p4"
 
 
 def test_entries_for_every_port_and_for_ports() -> None:
-    assert entries_for(AGENT, "192.0.2.1", 4, ()) == [Write(S4, 4, "192.0.2.1", 0)]
-    assert entries_for(AGENT, "2001:db8::1", 6, ()) == [Write(S6, 6, "2001:db8::1", 0)]
-    assert entries_for(AGENT, "192.0.2.1", 4, (443, 8443)) == [
+    assert entries_for(AGENT.name, "192.0.2.1", 4, ()) == [Write(S4, 4, "192.0.2.1", 0)]
+    assert entries_for(AGENT.name, "2001:db8::1", 6, ()) == [Write(S6, 6, "2001:db8::1", 0)]
+    assert entries_for(AGENT.name, "192.0.2.1", 4, (443, 8443)) == [
         Write(P4, 4, "192.0.2.1", 0, TCP, 443),
         Write(P4, 4, "192.0.2.1", 0, UDP, 443),
         Write(P4, 4, "192.0.2.1", 0, TCP, 8443),
@@ -269,7 +269,7 @@ def L(name: str) -> Labels:
 
 def grant(led: Ledger, name: str, ips: list[str], ports: tuple[int, ...], now: float) -> None:
     """What the pipeline does for one allowed answer: plan, write, commit, justify."""
-    wanted = [(e, 300) for ip in ips for e in entries_for(AGENT, ip, 4, ports)]
+    wanted = [(e, 300) for ip in ips for e in entries_for(AGENT.name, ip, 4, ports)]
     led.commit(led.plan(wanted, G, now), now)
     addrs = {ip: now + grant_timeout(300, G) for ip in ips}
     led.justify(Reason("agent", name, (), ports, addrs))
@@ -281,7 +281,7 @@ def judge_by(allowed: dict[str, tuple[int, ...]]):  # type: ignore[no-untyped-de
     def judge(r: Reason) -> list[Write] | None:
         if r.name not in allowed:
             return None
-        return [e for ip in r.addrs for e in entries_for(AGENT, ip, 4, allowed[r.name])]
+        return [e for ip in r.addrs for e in entries_for(AGENT.name, ip, 4, allowed[r.name])]
 
     return judge
 
