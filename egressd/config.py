@@ -139,9 +139,6 @@ class Profile:
     def pset6(self) -> str:
         return set_name(self.name, 6, True)
 
-    def set_for(self, family: int, ports: bool) -> str:
-        return set_name(self.name, family, ports)
-
 
 @dataclass(frozen=True, slots=True)
 class Config:
