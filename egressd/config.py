@@ -38,6 +38,10 @@ DEFAULT_CONN_BURST = 2000
 # Connections a profile's users may hold at once (conntrack entries they own): the rate
 # alone would let long-lived TCP connections pile up over minutes.
 DEFAULT_CONN_MAX = 4096
+DEFAULT_CONTROL = "/run/egressd/control"
+# A profile's mode: "enforce" blocks what the allowlist does not allow; "audit" (learning)
+# answers and grants every name and logs each one enforcing mode would have blocked.
+MODES = ("enforce", "audit")
 PROFILE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,14}$")
 
 
@@ -67,6 +71,10 @@ class DaemonSettings:
     rebind_rcode: str = "noerror"
     ct_mask: int = DEFAULT_CT_MASK
     ct_mark_clash: str = "refuse"  # or "warn": another rule on the host writes these bits
+    # The control socket the CLI talks to (egressd.control); root only.
+    control: str = DEFAULT_CONTROL
+    # Prometheus metrics on this loopback address ("127.0.0.1:9153"); "" = off.
+    metrics: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +128,7 @@ class Profile:
     conn_rate: int = DEFAULT_CONN_RATE
     conn_burst: int = DEFAULT_CONN_BURST
     conn_max: int = DEFAULT_CONN_MAX
+    mode: str = "enforce"
 
     @property
     def set4(self) -> str:
@@ -518,6 +527,8 @@ _DAEMON_KEYS = (
     "rebind_rcode",
     "ct_mask",
     "ct_mark_clash",
+    "control",
+    "metrics",
 )
 _GRANT_KEYS = ("floor", "ceiling", "grace", "maxelem")
 _PROFILE_KEYS = (
@@ -533,6 +544,7 @@ _PROFILE_KEYS = (
     "conn_rate",
     "conn_burst",
     "conn_max",
+    "mode",
 )
 
 
@@ -598,7 +610,15 @@ def _daemon(ctx: _Ctx, d: dict[str, Any], sources: Sources, ports: set[int]) -> 
         rebind_rcode=_rebind_rcode(ctx, d),
         ct_mask=_ct_mask(ctx, d),
         ct_mark_clash=_typed(ctx, t, d, "ct_mark_clash", str, base.ct_mark_clash),
+        control=_typed(ctx, t, d, "control", str, base.control),
+        metrics=_typed(ctx, t, d, "metrics", str, base.metrics),
     )
+    if not os.path.isabs(out.control):
+        raise ctx.error(t, "control", f"must be an absolute path, got {out.control!r}")
+    if out.metrics:
+        problem = check_metrics_address(out.metrics)
+        if problem:
+            raise ctx.error(t, "metrics", problem)
     if out.ct_mark_clash not in ("refuse", "warn"):
         raise ctx.error(
             t, "ct_mark_clash", f"must be 'refuse' or 'warn', got {out.ct_mark_clash!r}"
@@ -611,6 +631,22 @@ def _daemon(ctx: _Ctx, d: dict[str, Any], sources: Sources, ports: set[int]) -> 
     _positive(ctx, t, "tcp_max_connections", out.tcp_max_connections)
     _positive(ctx, t, "verify_interval", out.verify_interval, 0)
     return out
+
+
+def check_metrics_address(text: str) -> str:
+    """Why a metrics address is unusable, or "". Loopback only: the counters name the
+    profiles and their traffic, nothing for other hosts."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return f"{text!r} is not IP:PORT (e.g. 127.0.0.1:9153)"
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        return f"{text!r} is not IP:PORT (e.g. 127.0.0.1:9153)"
+    if not ip.is_loopback:
+        return f"{ip} is not a loopback address: metrics are served on loopback only"
+    return ""
 
 
 def mark_ids(mask: int) -> int:
@@ -770,6 +806,9 @@ def _profiles(ctx: _Ctx, d: dict[str, Any], sources: Sources, ids: int) -> tuple
         conn_rate = _typed(ctx, t, body, "conn_rate", int, DEFAULT_CONN_RATE)
         conn_burst = _typed(ctx, t, body, "conn_burst", int, DEFAULT_CONN_BURST)
         conn_max = _typed(ctx, t, body, "conn_max", int, DEFAULT_CONN_MAX)
+        mode = _typed(ctx, t, body, "mode", str, "enforce")
+        if mode not in MODES:
+            raise ctx.error(t, "mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
         for key, value in (
             ("conn_rate", conn_rate),
             ("conn_burst", conn_burst),
@@ -795,6 +834,7 @@ def _profiles(ctx: _Ctx, d: dict[str, Any], sources: Sources, ids: int) -> tuple
                 conn_rate=conn_rate,
                 conn_burst=conn_burst,
                 conn_max=conn_max,
+                mode=mode,
             )
         )
     return tuple(profiles)

@@ -54,6 +54,70 @@ class QueryBlocked(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class QueryAudited(Event):
+    """A profile in audit (learning) mode answered a name enforcing mode would block."""
+
+    MESSAGE_ID: ClassVar[str] = "e47a164b7a564b97aedd564b26c28de5"
+    PER_QUERY: ClassVar[bool] = True
+    PRIORITY: ClassVar[int] = 5  # notice
+    profile: str
+    uids: tuple[int, ...]
+    qname: str
+    qtype: str
+    verdict: str  # what enforcing mode would have done: "block" or "deny"
+    rule: str  # file:line of the deny rule, or "" when nothing matched
+    needed: str  # the allowlist line enforcing mode would need, e.g. "cdn.example.com"
+    client: str = ""
+
+    def message(self) -> str:
+        why = f"denied by rule {self.rule}" if self.rule else f"needs the line {self.needed!r}"
+        return (
+            f"audit: answered {self.qtype} query for {self.qname} from profile "
+            f"{self.profile} that enforcing mode would block ({why})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AuditMode(Event):
+    """Said at every start and reload while a profile is in audit mode: it is not enforcing."""
+
+    MESSAGE_ID: ClassVar[str] = "af0514f8d2b44337a1134ecf995b6f4d"
+    PRIORITY: ClassVar[int] = 4  # warning
+    profile: str
+    uids: tuple[int, ...]
+
+    def message(self) -> str:
+        return (
+            f"profile {self.profile} is in AUDIT mode: every name is answered and granted, "
+            "nothing is blocked (set mode = \"enforce\" to enforce the allowlist)"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionBlocked(Event):
+    """A connection (or datagram) the firewall rejected, read back from NFLOG, with what
+    egressd knows of the destination address."""
+
+    MESSAGE_ID: ClassVar[str] = "1a7aa55f80fe4e08b2acaedf958be9ea"
+    PER_QUERY: ClassVar[bool] = True
+    PRIORITY: ClassVar[int] = 5  # notice
+    profile: str
+    uid: int
+    destination: str
+    port: int
+    protocol: str  # "tcp", "udp", "icmp", ...
+    known: str  # what egressd knows of the address, e.g. "never resolved through egressd"
+    names: tuple[str, ...] = ()  # allowed names that resolved to it (any profile)
+
+    def message(self) -> str:
+        where = f"{self.destination}:{self.port}" if self.port else self.destination
+        return (
+            f"blocked {self.protocol} connection from uid {self.uid} (profile {self.profile}) "
+            f"to {where}: {self.known}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Unlogged(Event):
     """Per-query records over the logging rate limit: counted, not logged one by one."""
 

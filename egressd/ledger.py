@@ -18,7 +18,8 @@ Times are ``time.monotonic()`` seconds, passed in (``now``) so the arithmetic is
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from .allowlist import Labels
@@ -83,8 +84,23 @@ def _sub(key: Key) -> str | tuple[str, int, int]:
     return (ip, proto, port) if proto else ip
 
 
+@dataclass(frozen=True, slots=True)
+class Past:
+    """A reason that ran out and was pruned: what attribution says of its addresses."""
+
+    profile: str
+    name: str
+    ports: tuple[int, ...]
+    expired: float  # monotonic
+
+
+# Addresses whose pruned reasons are remembered (for "a grant that expired" in the blocked
+# connection records); the oldest are forgotten first. ~200 B each.
+HISTORY = 20_000
+
+
 class Ledger:
-    __slots__ = ("_reasons", "_sets")
+    __slots__ = ("_history", "_reasons", "_sets")
 
     def __init__(self) -> None:
         # Per set: entry -> expiry. Nested rather than keyed by Key tuples, to keep a grant
@@ -92,6 +108,8 @@ class Ledger:
         self._sets: dict[str, _Entries] = {}
         # Per profile: allowed name -> its reason.
         self._reasons: dict[str, dict[str, Reason]] = {}
+        # ip -> the reasons that justified it and were pruned (newest last).
+        self._history: OrderedDict[str, list[Past]] = OrderedDict()
 
     def _expiry(self, key: Key) -> float | None:
         entries = self._sets.get(key[0])
@@ -216,7 +234,8 @@ class Ledger:
         )
 
     def prune(self, now: float) -> int:
-        """Forget expired grants and reasons; returns how many grants."""
+        """Forget expired grants and reasons (remembering the reasons in the bounded
+        history); returns how many grants."""
         dead = 0
         for entries in self._sets.values():
             gone = [sub for sub, exp in entries.items() if exp <= now]
@@ -225,8 +244,32 @@ class Ledger:
             dead += len(gone)
         for names in self._reasons.values():
             for name in [n for n, r in names.items() if max(r.addrs.values(), default=0) <= now]:
-                del names[name]
+                r = names.pop(name)
+                for ip, exp in r.addrs.items():
+                    self._remember(ip, Past(r.profile, r.name, r.ports, exp))
         return dead
+
+    def _remember(self, ip: str, past: Past) -> None:
+        pasts = self._history.pop(ip, None) or []
+        pasts = [p for p in pasts if (p.profile, p.name) != (past.profile, past.name)]
+        pasts.append(past)
+        self._history[ip] = pasts[-8:]
+        while len(self._history) > HISTORY:
+            self._history.popitem(last=False)
+
+    def entries(self, now: float) -> Iterator[tuple[Key, float]]:
+        """Every live set entry and its expiry (for ``egressd grants``)."""
+        for set_name_, entries_ in self._sets.items():
+            for sub, exp in entries_.items():
+                if exp > now:
+                    key = (set_name_, sub, 0, 0) if isinstance(sub, str) else (set_name_, *sub)
+                    yield key, exp
+
+    def about(self, ip: str) -> tuple[list[Reason], list[Past]]:
+        """What is known of an address, for any profile: the reasons naming it (live, or
+        run out but not pruned yet: their ``addrs[ip]`` says which), and pruned ones."""
+        reasons = [r for names in self._reasons.values() for r in names.values() if ip in r.addrs]
+        return reasons, list(self._history.get(ip, ()))
 
     def reconcile(
         self, judge: Judge, live_sets: Iterable[str], now: float
