@@ -1,4 +1,5 @@
-"""Command line: ``egressd run``, ``egressd check-config``, ``egressd uninstall``."""
+"""Command line: ``egressd run``, ``check-config``, ``uninstall``, and the operator's
+commands that ask the running daemon or the host (``egressd.commands``)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import sys
 from collections.abc import Callable, Sequence
 
 from . import __version__
+from .commands import grants, reload, status
 from .config import CommandLine, Config, Sources, from_command_line, load
 from .errors import ConfigError, FirewallError
 from .journal import Reporter
 from .subids import getsubids
 
 DEFAULT_CONFIG = "/etc/egressd/egressd.toml"
+# The operator's commands: each adds its parser and runs itself (egressd.commands).
+COMMANDS = {"status": status, "grants": grants, "reload": reload}
 # The real system, plus the NSS subordinate uid ranges (config itself runs no programs).
 SOURCES = Sources(nss_subuids=getsubids)
 
@@ -89,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", metavar="FILE", default=DEFAULT_CONFIG)
 
     sub.add_parser("uninstall", help="remove every rule, chain and set egressd added")
+    for module in COMMANDS.values():
+        module.add_parser(sub)
     return ap
 
 
@@ -127,6 +133,8 @@ def _need_root() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in COMMANDS:
+        return int(COMMANDS[args.command].run(args))
     if args.command == "check-config":
         try:
             config = load(args.config, SOURCES)

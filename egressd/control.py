@@ -34,7 +34,7 @@ class NotRunning(ControlError):
     """Nobody answers on the control socket: egressd is not running (or not there)."""
 
     def __init__(self, path: str, why: str) -> None:
-        super().__init__(f"egressd is not running (no answer on {path}: {why})")
+        super().__init__(f"not running (nobody answers on {path}: {why})")
         self.path = path
 
 
@@ -86,14 +86,20 @@ class ControlServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            try:
+                # Read first, even from a peer about to be refused: closing with its
+                # request unread would reset the connection before it reads why.
+                line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT)
+            except (TimeoutError, ValueError, asyncio.LimitOverrunError) as err:
+                await _send(writer, {"ok": False, "error": f"bad request: {err}"})
+                return
             sock = writer.get_extra_info("socket")
             if sock is None or peer_uid(sock) != 0:
                 await _send(writer, {"ok": False, "error": "the control socket is for root only"})
                 return
             try:
-                line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT)
                 request = json.loads(line)
-            except (TimeoutError, ValueError, asyncio.LimitOverrunError) as err:
+            except ValueError as err:
                 await _send(writer, {"ok": False, "error": f"bad request: {err}"})
                 return
             await _send(writer, await self._dispatch(request))
@@ -139,7 +145,9 @@ def _answers(path: str) -> bool:
         s.close()
 
 
-def call(path: str, command: str, args: Mapping[str, Any] | None = None, timeout: float = 60.0) -> Any:
+def call(
+    path: str, command: str, args: Mapping[str, Any] | None = None, timeout: float = 60.0
+) -> Any:
     """Ask the daemon; returns the result. Raises NotRunning when nobody answers, and
     ControlError with the daemon's message when the answer is an error."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

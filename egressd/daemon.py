@@ -15,13 +15,16 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from typing import Any
 
 from . import __version__, sdnotify
 from .blocklog import BlockLog
 from .cache import Cache
-from .config import Config
+from .config import Config, profile_of
+from .control import ControlError, ControlServer
 from .errors import ConfigError, EgressdError, FirewallError
 from .events import (
+    AuditMode,
     Error,
     Event,
     Reloaded,
@@ -38,10 +41,11 @@ from .firewall.watch import RulesetWatch
 from .ledger import Ledger
 from .listener import Listener
 from .localaddrs import LocalAddressError, LocalAddresses
+from .metrics import MetricsServer
 from .pipeline import Pipeline, PolicyRef
 from .policy import Policy
 from .stats import Stats
-from .upstream import UpstreamResolver
+from .upstream import Latency, UpstreamResolver
 
 UNPRIVILEGED_PORT_START = "/proc/sys/net/ipv4/ip_unprivileged_port_start"
 # The restricted uids of the last good install, read at boot by packaging/egressd-lockdown.
@@ -57,6 +61,7 @@ POLL = 0.5
 # After an nf_tables event, wait this long before verifying so that one verify covers the
 # whole burst (`nft flush ruleset`, a tool restoring its rules, egressd's own apply).
 DEBOUNCE = 0.05
+PROTOCOLS = {6: "tcp", 17: "udp"}
 
 
 # The cyclic collector's thresholds while serving: a young-generation pass every 20,000 net
@@ -124,6 +129,14 @@ class Daemon:
         self._reload = asyncio.Event()
         self._stop = asyncio.Event()
         self._stop_reason = "SIGTERM"
+        self.control: ControlServer | None = None
+        self.started_at = time.time()
+        # For `egressd status`: the last reload's outcome and the last repair.
+        self.last_reload: dict[str, Any] | None = None
+        self.last_repair: dict[str, Any] | None = None
+        # One latency histogram for every resolver a reload puts in: its counts only grow.
+        self.latency = Latency()
+        self.metrics = MetricsServer(self.snapshot, self.latency)  # serves nowhere until told
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -175,6 +188,9 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self._request_stop, "SIGTERM")
         loop.add_signal_handler(signal.SIGINT, self._request_stop, "SIGINT")
         await self.watch.start(self.firewall.families)  # else _maintain polls the rules
+        await self._sync_control(config)
+        await self._sync_metrics(config)
+        self._say_audit(policy)
 
         listening = [a for lst in self.listeners.values() for a in lst.addresses]
         self.report(
@@ -203,6 +219,9 @@ class Daemon:
             for t in tasks:
                 t.cancel()
             await self._close_listeners(grace=STOP_GRACE)
+            if self.control is not None:
+                await self.control.close()
+            await self.metrics.close()
             self.watch.close()
             await self.firewall.close()
             await self.local.close()
@@ -245,7 +264,7 @@ class Daemon:
 
     def _resolver(self, config: Config) -> UpstreamResolver:
         d = config.daemon
-        return UpstreamResolver(d.upstreams, d.upstream_timeout, d.upstream_tries)
+        return UpstreamResolver(d.upstreams, d.upstream_timeout, d.upstream_tries, self.latency)
 
     def _installed(self, policy: Policy) -> None:
         self.report(
@@ -348,9 +367,13 @@ class Daemon:
             await self._revoke(new)
             for port in stale:
                 await self.listeners.pop(port).close(grace=STOP_GRACE)
+            await self._sync_control(config)
+            await self._sync_metrics(config)
             self.stats.reloads += 1
             self._installed(new)
             self.report(Reloaded(config.path, new.digest))
+            self._say_audit(new)
+            self.last_reload = {"at": time.time(), "ok": True, "error": "", "policy": new.digest}
             return True
         finally:
             sdnotify.ready(self._status())
@@ -379,6 +402,13 @@ class Daemon:
     def _reload_failed(self, old: Policy, err: Exception) -> None:
         self.stats.reload_failures += 1
         self.report(ReloadFailed(old.config.path, str(err)))
+        self.last_reload = {"at": time.time(), "ok": False, "error": str(err), "policy": old.digest}
+
+    def _say_audit(self, policy: Policy) -> None:
+        """Loud, at every start and reload: an audit profile enforces nothing."""
+        for p in policy.config.profiles:
+            if p.mode == "audit":
+                self.report(AuditMode(p.name, p.uids))
 
     # --- background ------------------------------------------------------------------------
 
@@ -481,7 +511,9 @@ class Daemon:
                 self.ledger.forget()
                 if self.pipeline is not None:
                     self.pipeline.cache.clear()
-            self.report(Repaired("; ".join(problems), round(window * 1000)))
+            what, window_ms = "; ".join(problems), round(window * 1000)
+            self.report(Repaired(what, window_ms))
+            self.last_repair = {"at": time.time(), "what": what, "window_ms": window_ms}
         if sets:
             await self._recheck_marks()
 
@@ -508,3 +540,155 @@ class Daemon:
                 )
             )
         self._clashes_said = clashes
+
+    # --- control socket (egressd status, grants, reload, check --resolve) -------------------
+
+    async def _sync_control(self, config: Config) -> None:
+        """Serve the control socket at the configured path (moved when a reload changes it).
+
+        A socket that cannot be bound is an error in the journal, not a refused start: DNS
+        and the rules matter more than the CLI, and `egressd status` then says "not running"
+        loudly enough."""
+        path = config.daemon.control
+        if self.control is not None and self.control.path == path:
+            return
+        server = ControlServer(
+            path,
+            {"status": self._ctl_status, "grants": self._ctl_grants, "reload": self._ctl_reload},
+        )
+        try:
+            await server.start()
+        except OSError as err:
+            self.report(Error("control socket", f"cannot serve {path}: {err}"))
+            return
+        if self.control is not None:
+            await self.control.close()
+        self.control = server
+
+    async def _sync_metrics(self, config: Config) -> None:
+        """Serve /metrics on daemon.metrics ("" = not at all), moved when a reload changes it.
+
+        An address that cannot be bound is an error in the journal and a problem in
+        `egressd status`, not a refused start: metrics are for watching, the agent's DNS
+        and the rules must not wait on a port clash. The next reload tries again."""
+        address = config.daemon.metrics
+        try:
+            await self.metrics.serve(address)
+        except OSError as err:
+            still = f"; still serving on {self.metrics.address}" if self.metrics.address else ""
+            self.report(Error("metrics", f"cannot serve metrics on {address}: {err}{still}"))
+
+    async def _ctl_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self.snapshot()
+
+    async def _ctl_reload(self, args: dict[str, Any]) -> dict[str, Any]:
+        """A synchronous reload: the answer is its outcome (``systemctl reload`` runs
+        ``egressd reload``, so a failed reload fails there too)."""
+        async with self._apply_lock:
+            ok = await self.reload()
+        last = self.last_reload or {}
+        if not ok:
+            raise ControlError(
+                f"reload failed, the running policy is unchanged: {last.get('error')}"
+            )
+        return {"policy": last.get("policy", ""), "config": self._policy().config.path}
+
+    async def _ctl_grants(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Live set entries, with time left and the names that justified each."""
+        profile, address, name = args.get("profile"), args.get("address"), args.get("name")
+        now = time.monotonic()
+        names = self.ledger.names_by_address(now)
+        out = []
+        for (set_name, ip, proto, port), exp in self.ledger.entries(now):
+            owner = profile_of(set_name)
+            if profile and owner != profile or address and ip != address:
+                continue
+            why = names.get((owner, ip), [])
+            if name and name.lower().rstrip(".") not in why:
+                continue
+            out.append(
+                {
+                    "profile": owner,
+                    "set": set_name,
+                    "address": ip,
+                    "port": f"{PROTOCOLS.get(proto, proto)}:{port}" if proto else "",
+                    "expires_in": max(0, round(exp - now)),
+                    "names": why,
+                }
+            )
+        out.sort(key=lambda g: (g["profile"], g["address"], g["port"]))
+        return {"grants": out}
+
+    def _policy(self) -> Policy:
+        assert self.ref is not None
+        return self.ref.policy
+
+    def snapshot(self) -> dict[str, Any]:
+        """What `egressd status` shows and the metrics export (docs/commands/status.md)."""
+        policy = self._policy()
+        config = policy.config
+        now = time.monotonic()
+        problems: list[str] = []
+        warnings: list[str] = []
+        profiles = []
+        for p in config.profiles:
+            listener = self.listeners.get(p.port)
+            if listener is None:
+                problems.append(f"profile {p.name}: no listener on port {p.port}")
+            if p.mode == "audit":
+                warnings.append(f"profile {p.name} is in AUDIT mode: nothing is blocked")
+            counts = self.stats.of(p.name)
+            live = [
+                (name, self.ledger.live(name, now))
+                for family, name in ((4, p.set4), (4, p.pset4), (6, p.set6), (6, p.pset6))
+                if family in self.firewall.families
+            ]
+            profiles.append(
+                {
+                    "name": p.name,
+                    "mode": p.mode,
+                    "uids": list(p.uids),
+                    "uid_ranges": [list(r) for r in p.uid_ranges],
+                    "port": p.port,
+                    "listeners": list(listener.addresses) if listener else [],
+                    "counts": {
+                        "answered": counts.answered,
+                        "blocked": counts.blocked,
+                        "refused": counts.refused,
+                        "servfail": counts.servfail,
+                        "audited": counts.audited,
+                    },
+                    "grants": sum(n for _, n in live),
+                    "sets": [
+                        {"name": name, "entries": n, "maxelem": config.grants.maxelem}
+                        for name, n in live
+                    ],
+                }
+            )
+        if self.last_reload is not None and not self.last_reload["ok"]:
+            problems.append(
+                "the last reload failed (the previous policy is running): "
+                + self.last_reload["error"]
+            )
+        if self._local_error:
+            problems.append(f"the host's own addresses are unknown: {self._local_error}")
+        if self.control is None:
+            problems.append("the control socket is not served")
+        if self.metrics.address != config.daemon.metrics:
+            problems.append(f"metrics are not served on {config.daemon.metrics}")
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "config": config.path,
+            "policy": policy.digest,
+            "started": self.started_at,
+            "healthy": not problems,
+            "problems": problems,
+            "warnings": warnings,
+            "rules_checked": "on nf_tables events" if self.watch.active else f"every {POLL:g} s",
+            "upstreams": [str(u) for u in config.daemon.upstreams],
+            "profiles": profiles,
+            "totals": self.stats.totals(),
+            "last_reload": self.last_reload,
+            "last_repair": self.last_repair,
+        }

@@ -265,6 +265,19 @@ class Ledger:
                     key = (set_name_, sub, 0, 0) if isinstance(sub, str) else (set_name_, *sub)
                     yield key, exp
 
+    def names_by_address(self, now: float) -> dict[tuple[str, str], list[str]]:
+        """(profile, ip) -> the names whose live answers justify it, sorted: ``names`` for
+        every entry at once (for ``egressd grants``)."""
+        out: dict[tuple[str, str], list[str]] = {}
+        for profile, names in self._reasons.items():
+            for r in names.values():
+                for ip, exp in r.addrs.items():
+                    if exp > now:
+                        out.setdefault((profile, ip), []).append(r.name)
+        for names_ in out.values():
+            names_.sort()
+        return out
+
     def about(self, ip: str) -> tuple[list[Reason], list[Past]]:
         """What is known of an address, for any profile: the reasons naming it (live, or
         run out but not pruned yet: their ``addrs[ip]`` says which), and pruned ones."""

@@ -32,6 +32,7 @@ from .events import (
     Error,
     Event,
     GrantFailed,
+    QueryAudited,
     QueryBlocked,
     QueryRefused,
     UpstreamFailed,
@@ -39,7 +40,7 @@ from .events import (
 from .firewall.base import Allower, Write, entries_for, family_of
 from .ledger import Ledger, Reason, grant_timeout, name_of
 from .policy import Decision, Policy, ProfilePolicy, decide, decide_chain
-from .stats import Stats
+from .stats import Counts, Stats
 
 if TYPE_CHECKING:
     import dns.message
@@ -86,6 +87,7 @@ class _Repeat:
     age: int = 0
     # A blocked name: its record (the client is the repeat's own).
     blocked: QueryBlocked | None = None
+    counts: Counts | None = None  # the profile's counters
 
 
 @dataclass(slots=True)
@@ -174,6 +176,8 @@ class Pipeline:
         if b is not None:
             stats.queries += 1
             stats.blocked += 1
+            if got.counts is not None:
+                got.counts.blocked += 1
 
             def record() -> QueryBlocked:
                 # The client's text is made here: most repeats of a flood are not recorded.
@@ -200,6 +204,8 @@ class Pipeline:
         stats.queries += 1
         stats.cache_hits += 1
         stats.allowed += 1
+        if got.counts is not None:
+            got.counts.answered += 1
         return wire[:2] + got.tail
 
     def _remember(self, key: tuple[int, bytes], made: _Repeat) -> None:
@@ -256,7 +262,9 @@ class Pipeline:
             )
         decision = decide(pp.matcher, q.labels)
         if not decision.allowed:
-            return self._blocked(ask, pp, decision, remember=True)
+            if not pp.audit:
+                return self._blocked(ask, pp, decision, remember=True)
+            self._audited(ask, pp, decision)
         return await self._allowed(ask, pp, decision)
 
     def _check(self, generation: int) -> None:
@@ -278,6 +286,8 @@ class Pipeline:
         CNAME chain), so a repeat of the query may be given the same reply."""
         q = ask.q
         self.stats.blocked += 1
+        counts = self.stats.of(pp.profile.name)
+        counts.blocked += 1
         record = QueryBlocked(
             profile=pp.profile.name,
             uids=pp.profile.uids,
@@ -296,8 +306,31 @@ class Pipeline:
             max_size=ask.limit,
         )
         if remember and ask.repeat is not None:
-            self._remember(ask.repeat, _Repeat(ask.generation, reply[2:], blocked=record))
+            made = _Repeat(ask.generation, reply[2:], blocked=record, counts=counts)
+            self._remember(ask.repeat, made)
         return reply
+
+    def _audited(self, ask: _Ask, pp: ProfilePolicy, decision: Decision, reason: str = "") -> None:
+        """Audit mode: the name is answered (and granted) as if allowed, and what enforcing
+        mode would have done is recorded, with the line it would need. Such a reply is
+        never a repeat (``Pipeline.repeat``): each query is recorded, like a blocked one."""
+        q = ask.q
+        ask.repeat = None
+        self.stats.of(pp.profile.name).audited += 1
+        name = dnswire.name_text(q.raw).lower()
+        self.report(
+            QueryAudited(
+                profile=pp.profile.name,
+                uids=pp.profile.uids,
+                qname=name,
+                qtype=_type_text(q.qtype),
+                verdict=decision.verdict.value,
+                rule=decision.source,
+                # A deny line wins over any allow line: nothing to add, the deny must go.
+                needed="" if decision.rule is not None else name,
+                client=ask.client,
+            )
+        )
 
     # --- allowed -----------------------------------------------------------------------------
 
@@ -326,14 +359,17 @@ class Pipeline:
                 await self._grant(ask, pp, entry, age, ports_of(decision, pp))
         except FirewallError as err:
             self.stats.servfail_grant += 1
+            self.stats.of(pp.profile.name).servfail += 1
             self.report(GrantFailed(pp.profile.name, dnswire.name_text(q.raw), str(err)))
             return self._fail(ask, "could not allow the answer's addresses")
         self._check(ask.generation)  # a reload during the kernel write: decide again
         self.stats.allowed += 1
+        counts = self.stats.of(pp.profile.name)
+        counts.answered += 1
         an, ancount, ns, nscount = entry.sections(age, q.labels)
         reply = dnswire.reply(q, entry.rcode, an, ancount, ns, nscount, max_size=ask.limit)
         if ask.repeat is not None and entry.rearm_at > now:
-            made = _Repeat(ask.generation, reply[2:], entry, self.cache.epoch, age)
+            made = _Repeat(ask.generation, reply[2:], entry, self.cache.epoch, age, counts=counts)
             self._remember(ask.repeat, made)
         return reply
 
@@ -345,6 +381,7 @@ class Pipeline:
             response = dnswire.parse_response(wire)
         except (UpstreamError, dnswire.WireError) as err:
             self.stats.servfail_upstream += 1
+            self.stats.of(pp.profile.name).servfail += 1
             what = str(err) if isinstance(err, UpstreamError) else f"malformed answer: {err}"
             self.report(UpstreamFailed(pp.profile.name, dnswire.name_text(q.raw) + ".", what))
             return self._fail(ask, "upstream failed")
@@ -352,7 +389,9 @@ class Pipeline:
         ans = answers.extract(response)
         deny = decide_chain(pp.matcher, ans.chain[1:])
         if deny is not None:
-            return self._blocked(ask, pp, deny, reason="CNAME target denied")
+            if not pp.audit:
+                return self._blocked(ask, pp, deny, reason="CNAME target denied")
+            self._audited(ask, pp, deny)
         ceiling = self.ref.policy.config.grants.ceiling
         # Rebinding guard: loopback, private, metadata and this host's addresses leave the
         # answer here, before the cache, so neither a grant nor a hit ever sees them.
@@ -451,7 +490,8 @@ class Pipeline:
         if pp is None:
             return None
         decision = decide(pp.matcher, reason.labels)
-        if not decision.allowed or decide_chain(pp.matcher, reason.chain) is not None:
+        denied = not decision.allowed or decide_chain(pp.matcher, reason.chain) is not None
+        if denied and not pp.audit:  # audit mode grants every name
             return None
         ports = ports_of(decision, pp)
         kept = self._screen(pp, reason.labels, list(reason.addrs)).kept
@@ -494,6 +534,7 @@ class Pipeline:
         if problem:
             self.stats.refused += 1
             if pp is not None:
+                self.stats.of(pp.profile.name).refused += 1
                 self.report(QueryRefused(pp.profile.name, problem, client))
             r = replies.refused(m, problem)
             return replies.to_wire(r, replies.udp_limit(r))

@@ -66,6 +66,11 @@ class ProfilePolicy:
     profile: Profile
     matcher: Matcher
 
+    @property
+    def audit(self) -> bool:
+        """Audit (learning) mode: what enforcing mode would block is answered and logged."""
+        return self.profile.mode == "audit"
+
 
 class Policy:
     """All profiles of one configuration, compiled, indexed by name and listener port."""

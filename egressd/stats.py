@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+
+
+@dataclass(slots=True)
+class Counts:
+    """One profile's answers by outcome (``egressd status``, metrics)."""
+
+    answered: int = 0  # answered with the upstream's answer (from the cache or not)
+    blocked: int = 0
+    refused: int = 0
+    servfail: int = 0
+    audited: int = 0  # audit mode: answered although enforcing mode would block it
 
 
 @dataclass(slots=True)
@@ -25,3 +36,15 @@ class Stats:
     reload_failures: int = 0
     stale_answers: int = 0  # answers a reload overtook: decided again under the new policy
     revoked: int = 0  # set entries a reload took back
+    # Per profile name; kept across reloads (counters only grow), shown for live profiles.
+    profiles: dict[str, Counts] = field(default_factory=dict)
+
+    def of(self, profile: str) -> Counts:
+        counts = self.profiles.get(profile)
+        if counts is None:
+            counts = self.profiles[profile] = Counts()
+        return counts
+
+    def totals(self) -> dict[str, int]:
+        """Every counter but the per-profile ones."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "profiles"}

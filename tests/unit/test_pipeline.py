@@ -28,6 +28,7 @@ from egressd.events import (
     Error,
     Event,
     GrantFailed,
+    QueryAudited,
     QueryBlocked,
     QueryRefused,
     UpstreamFailed,
@@ -1082,3 +1083,80 @@ def test_a_blocked_repeat_over_the_log_budget_is_counted_not_recorded() -> None:
     assert log.unlogged == 5 and r.stats.blocked == 7
     log.flush()
     assert "agent:QueryBlocked=5" in str(made[-1])
+
+
+# --- audit mode and per-profile counts -----------------------------------------------------------
+
+
+def audit_rig() -> Rig:
+    r = rig()
+    policy = r.pipeline.ref.policy
+    agent = dataclasses.replace(policy.by_name["agent"].profile, mode="audit")
+    profiles = (agent, policy.by_name["build"].profile)
+    r.pipeline.ref.policy = Policy(dataclasses.replace(policy.config, profiles=profiles))
+    return r
+
+
+def test_audit_mode_answers_and_grants_what_enforcing_mode_blocks_and_records_it() -> None:
+    r = audit_rig()
+    r.resolver.add("www.example.org", "A", (("www.example.org.", 300, "A", "192.0.2.30"),))
+    reply = r.ask(wire("www.example.org", qid=7))
+    assert reply is not None and reply.rcode() == dns.rcode.NOERROR
+    assert addresses(reply) == ["192.0.2.30"]
+    assert [w.ip for w in r.firewall.calls[0]] == ["192.0.2.30"]
+    assert r.log == ["resolve", "allow", "reply"]  # granted before the reply, as allowed names
+    (ev,) = r.events
+    assert isinstance(ev, QueryAudited)
+    assert (ev.profile, ev.qname, ev.qtype, ev.verdict, ev.rule, ev.needed) == (
+        "agent",
+        "www.example.org",
+        "A",
+        "block",
+        "",
+        "www.example.org",
+    )
+    # Each query is recorded (no repeat shortcut), like a blocked one in enforcing mode.
+    assert r.pipeline.repeat(wire("www.example.org"), 153, ("127.0.0.1", 5555)) is None
+    r.ask(wire("www.example.org"))
+    assert [type(e) for e in r.events] == [QueryAudited, QueryAudited]
+    assert r.stats.of("agent").audited == 2 and r.stats.of("agent").answered == 2
+    # The ledger's reason survives a reconcile while the profile audits ...
+    (reason,) = r.ledger._reasons["agent"].values()
+    assert r.pipeline.judge(reason) == [Write("egressd-agent-v4", 4, "192.0.2.30", 0)]
+    # ... and is revoked once it enforces (the positive twin of the line above).
+    r.pipeline.ref.policy = make_policy()
+    assert r.pipeline.judge(reason) is None
+
+
+def test_audit_mode_records_a_deny_with_its_rule_and_nothing_to_add() -> None:
+    r = audit_rig()
+    r.resolver.add("ads.example.com", "A", (("ads.example.com.", 300, "A", "192.0.2.31"),))
+    reply = r.ask(wire("ads.example.com"))
+    assert reply is not None and addresses(reply) == ["192.0.2.31"]
+    (ev,) = r.events
+    assert isinstance(ev, QueryAudited)
+    assert (ev.verdict, ev.rule, ev.needed) == ("deny", f"{AGENT_LIST}:3", "")
+
+
+def test_audit_mode_is_per_profile() -> None:
+    r = audit_rig()
+    reply = r.ask(wire("www.example.org"), port=154)  # build enforces
+    assert reply is not None and reply.rcode() == dns.rcode.NXDOMAIN
+    assert r.resolver.calls == []
+    (ev,) = r.events
+    assert isinstance(ev, QueryBlocked) and ev.profile == "build"
+
+
+def test_counts_per_profile_include_repeats() -> None:
+    r = rig()
+    r.resolver.add("www.example.com", "A", (("www.example.com.", 3600, "A", "192.0.2.10"),))
+    r.ask(wire("www.example.com"))
+    assert r.pipeline.repeat(wire("www.example.com"), 153, ("127.0.0.1", 1)) is not None
+    r.ask(wire("www.example.org"))
+    assert r.pipeline.repeat(wire("www.example.org"), 153, ("127.0.0.1", 1)) is not None
+    r.ask(wire("www.tracker.example"), port=154)
+    r.resolver.error = UpstreamError("timed out")
+    r.ask(wire("new.example.com"), port=154)
+    agent, build = r.stats.of("agent"), r.stats.of("build")
+    assert (agent.answered, agent.blocked, agent.servfail) == (2, 2, 0)
+    assert (build.answered, build.blocked, build.servfail) == (0, 1, 1)
