@@ -45,8 +45,7 @@ done
 
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-# procps: /bin/kill, which the unit's ExecReload runs (not in a minimal Debian).
-apt-get install -y -qq iptables ipset conntrack procps python3 python3-venv python3-dev \
+apt-get install -y -qq iptables ipset conntrack python3 python3-venv python3-dev \
   gcc pkg-config libsystemd-dev >/dev/null
 
 python3 -m venv "$PREFIX"

@@ -64,7 +64,7 @@ def render(snap: dict[str, Any], now: float) -> str:
     elif r["ok"]:
         out.append(f"  last reload: {_when(r['at'], now)}, ok (policy {r['policy']})")
     else:
-        out.append(f"  last reload: {_when(r['at'], now)}, FAILED: {r['error']}")
+        out.append(f"  last reload: {_when(r['at'], now)}, FAILED (see PROBLEM below)")
     rep = snap["last_repair"]
     if rep is None:
         out.append("  last repair: none since the start")
