@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from . import __version__
-from .commands import check, grants, reload, status
+from .commands import check, grants, reload, status, suggest
 from .config import CommandLine, Config, Sources, from_command_line, load
 from .errors import ConfigError, FirewallError
 from .journal import Reporter
@@ -18,7 +18,13 @@ from .subids import getsubids
 
 DEFAULT_CONFIG = "/etc/egressd/egressd.toml"
 # The operator's commands: each adds its parser and runs itself (egressd.commands).
-COMMANDS = {"status": status, "check": check, "grants": grants, "reload": reload}
+COMMANDS = {
+    "status": status,
+    "check": check,
+    "grants": grants,
+    "reload": reload,
+    "suggest": suggest,
+}
 # The real system, plus the NSS subordinate uid ranges (config itself runs no programs).
 SOURCES = Sources(nss_subuids=getsubids)
 
