@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from . import __version__
-from .commands import check, grants, reload, status, suggest
+from .commands import check, doctor, grants, reload, status, suggest
 from .config import CommandLine, Config, Sources, from_command_line, load
 from .errors import ConfigError, FirewallError
 from .journal import Reporter
@@ -24,6 +24,7 @@ COMMANDS = {
     "grants": grants,
     "reload": reload,
     "suggest": suggest,
+    "doctor": doctor,
 }
 # The real system, plus the NSS subordinate uid ranges (config itself runs no programs).
 SOURCES = Sources(nss_subuids=getsubids)
