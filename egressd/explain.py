@@ -14,7 +14,6 @@ alone: it only reads.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +27,7 @@ from .config import Profile
 from .errors import ConfigError, UpstreamError
 from .pipeline import Resolver, ports_of
 from .policy import Policy, ProfilePolicy, Verdict, decide, decide_chain
+from .suggest import registrable
 
 
 class CheckError(ValueError):
@@ -198,7 +198,8 @@ def _where(p: Profile, name: Name, config_path: str) -> tuple[str, str]:
     else the config's inline ``allow`` list."""
     if not p.allowlists:
         return config_path, f"profiles.{p.name}.allow"
-    floor = max(len(_public_suffix(name)), 1)
+    domain = registrable(name.text)  # its public suffix is one label shorter
+    floor = max(len(name.labels) if domain is None else domain.count("."), 1)
     best, best_common = p.allowlists[0], floor
     for rule in p.rules:
         file = rule.source.rsplit(":", 1)[0]
@@ -221,31 +222,12 @@ def _common_suffix(a: Labels, b: Labels) -> int:
 
 def _wider(name: Name) -> tuple[str, str]:
     """The `**.` alternative: the registrable domain and all below it (``files.example.net``
-    -> ``**.example.net``), or the name and all below it when the name is registrable.
-    None for a public suffix (``**.co.uk`` would be half a country)."""
-    suffix = _public_suffix(name)
-    if len(suffix) >= len(name.labels):
+    -> ``**.example.net``). None for a public suffix (``**.co.uk`` would be half a country,
+    ``**.cloudfront.net`` everybody's CDN names)."""
+    domain = registrable(name.text)
+    if domain is None:
         return "", ""
-    domain = b".".join(name.labels[-len(suffix) - 1 :]).decode("ascii")
     return f"**.{domain}", f"{domain} and every name below it"
-
-
-def _public_suffix(name: Name) -> Labels:
-    psl = _psl()
-    if psl is None:  # without the list: the last label (the TLD)
-        return name.labels[-1:]
-    suffix = psl.publicsuffix(name.text)
-    return tuple(suffix.encode("ascii").split(b".")) if suffix else name.labels[-1:]
-
-
-@functools.cache
-def _psl() -> Any:
-    """The Public Suffix List (private domains too: no `**.cloudfront.net` advice)."""
-    try:
-        from publicsuffixlist import PublicSuffixList
-    except ImportError:  # an optional nicety: advice stays correct, only less specific
-        return None
-    return PublicSuffixList()
 
 
 # --- check --resolve (the daemon's side) -----------------------------------------------------
