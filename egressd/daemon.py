@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import os
 import signal
@@ -17,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import __version__, sdnotify
+from . import __version__, attribution, explain, sdnotify
 from .blocklog import BlockLog
 from .cache import Cache
 from .config import Config, profile_of
@@ -37,6 +38,7 @@ from .events import (
 )
 from .firewall import rules
 from .firewall.iptables_ipset import IptablesIpset, ipv6_available
+from .firewall.nflog import Blocked, NflogError, NflogReader
 from .firewall.watch import RulesetWatch
 from .ledger import Ledger
 from .listener import Listener
@@ -116,6 +118,8 @@ class Daemon:
         self.stats = Stats()
         self.firewall = IptablesIpset()
         self.watch = RulesetWatch()  # nf_tables change events: repair within a second
+        # Rejected packets read back from NFLOG: one attributed record per blocked connection.
+        self.nflog = NflogReader(self._connection_blocked, self._nflog_error, self.stats)
         self.ledger = Ledger()
         self.local = LocalAddresses()  # the host's own addresses, for the rebinding guard
         self._local_error = ""
@@ -148,6 +152,7 @@ class Daemon:
             self.report(Error("config", str(err)))
             return 2
         policy = Policy(config)
+        self._start_nflog(policy)  # before the install: it decides NFLOG or LOG rules
         try:
             await self._check_marks(policy)
             found = await self.firewall.install(policy)
@@ -223,9 +228,55 @@ class Daemon:
                 await self.control.close()
             await self.metrics.close()
             self.watch.close()
+            self.nflog.close()
             await self.firewall.close()
             await self.local.close()
         return 0
+
+    # --- blocked connections (NFLOG) ---------------------------------------------------------
+
+    @staticmethod
+    def _nflog_groups(policy: Policy) -> dict[int, str]:
+        """NFLOG group -> profile, for the profiles whose reject chain logs to NFLOG."""
+        if not policy.config.daemon.log_rejects:
+            return {}
+        return rules.nflog_groups(policy.config.profiles)
+
+    def _start_nflog(self, policy: Policy) -> None:
+        try:
+            self.nflog.start(self._nflog_groups(policy))
+        except NflogError as err:
+            # Blocked connections are still blocked, only not attributed in the journal.
+            if err.errno == errno.EPERM:
+                # Another program holds a group: the NFLOG rule still loads, and that
+                # program gets the packets.
+                self._nflog_error(f"{err.strerror or err}")
+                return
+            # No usable nfnetlink_log: an NFLOG rule might not even load, and would then
+            # fail the whole install. The kernel's LOG rule instead.
+            self.firewall.nflog = False
+            self._nflog_error(f"{err.strerror or err}; rejected packets go to the kernel log")
+
+    def _nflog_error(self, why: str) -> None:
+        self.report(Error("blocked connections", f"{why}; blocked connections are not attributed"))
+
+    def _connection_blocked(self, profile: str, pkt: Blocked) -> None:
+        self.stats.connections_blocked += 1
+        # The record (and the ledger lookup behind it) is made only within the profile's
+        # budget: under a flood of rejected packets nearly none is.
+        self.blocklog.per_query(
+            profile,
+            "ConnectionBlocked",
+            lambda: attribution.blocked(
+                profile,
+                pkt.uid,
+                pkt.destination,
+                pkt.protocol,
+                pkt.port,
+                self.ledger.about(pkt.destination),
+                time.monotonic(),
+            ),
+        )
 
     async def _check_marks(self, policy: Policy) -> None:
         """Refuse (or warn about) other rules that write egressd's conntrack mark bits."""
@@ -360,6 +411,7 @@ class Daemon:
             # still in flight are decided again (the generation).
             self.ref.policy = new
             self.ref.generation += 1
+            self.nflog.rebind(self._nflog_groups(new))
             self.pipeline.resolver = resolver
             self.pipeline.cache.clear()  # cached chains were checked against the old rules
             self.pipeline.cache.capacity = config.daemon.cache_entries
@@ -554,7 +606,12 @@ class Daemon:
             return
         server = ControlServer(
             path,
-            {"status": self._ctl_status, "grants": self._ctl_grants, "reload": self._ctl_reload},
+            {
+                "status": self._ctl_status,
+                "grants": self._ctl_grants,
+                "reload": self._ctl_reload,
+                "resolve": self._ctl_resolve,
+            },
         )
         try:
             await server.start()
@@ -592,6 +649,22 @@ class Daemon:
                 f"reload failed, the running policy is unchanged: {last.get('error')}"
             )
         return {"policy": last.get("policy", ""), "config": self._policy().config.path}
+
+    async def _ctl_resolve(self, args: dict[str, Any]) -> dict[str, Any]:
+        """`egressd check --resolve`: the running policy's decision and, for an allowed
+        name only, its live answer (explain.resolve_live; grants nothing, no cache)."""
+        assert self.pipeline is not None
+        try:
+            return await explain.resolve_live(
+                self._policy(),
+                self.pipeline.resolver,
+                args.get("profile"),
+                str(args.get("name", "")),
+                str(args.get("type") or "A"),
+                self.pipeline.local_addresses,
+            )
+        except explain.CheckError as err:
+            raise ControlError(str(err)) from None
 
     async def _ctl_grants(self, args: dict[str, Any]) -> dict[str, Any]:
         """Live set entries, with time left and the names that justified each."""

@@ -110,7 +110,8 @@ class ConnectionBlocked(Event):
     names: tuple[str, ...] = ()  # allowed names that resolved to it (any profile)
 
     def message(self) -> str:
-        where = f"{self.destination}:{self.port}" if self.port else self.destination
+        host = f"[{self.destination}]" if ":" in self.destination else self.destination
+        where = f"{host}:{self.port}" if self.port else self.destination
         return (
             f"blocked {self.protocol} connection from uid {self.uid} (profile {self.profile}) "
             f"to {where}: {self.known}"

@@ -36,6 +36,12 @@ class Stats:
     reload_failures: int = 0
     stale_answers: int = 0  # answers a reload overtook: decided again under the new policy
     revoked: int = 0  # set entries a reload took back
+    # Rejected packets read back from NFLOG (egressd.firewall.nflog): each is one
+    # ConnectionBlocked record unless over the profile's record budget (blocked_unlogged
+    # counts those); messages that could not be read; times the kernel dropped messages.
+    connections_blocked: int = 0
+    nflog_malformed: int = 0
+    nflog_overruns: int = 0
     # Per profile name; kept across reloads (counters only grow), shown for live profiles.
     profiles: dict[str, Counts] = field(default_factory=dict)
 

@@ -100,6 +100,10 @@ class IptablesIpset:
         self._lock = asyncio.Lock()  # serialises install/verify/uninstall, not allow()
         self.created: list[str] = []  # sets an install had to create (none was there)
         self.families = (4, 6) if ipv6_available() else (4,)
+        # Rejected packets go to NFLOG (egressd reads them back and attributes them); False
+        # on a kernel where egressd could not bind NFLOG groups: the kernel LOG rule instead,
+        # since an NFLOG rule that does not load would fail the whole install.
+        self.nflog = True
         # family -> table -> own_rules() as of the last successful apply (what verify expects)
         self._applied: dict[int, dict[str, tuple[str, ...]]] = {}
 
@@ -411,6 +415,7 @@ class IptablesIpset:
             fam,
             ct_mask=policy.config.daemon.ct_mask,
             log_rejects=policy.config.daemon.log_rejects,
+            nflog=self.nflog,
             missing_jumps=missing,
             stale_jumps=stale,
         )
@@ -598,6 +603,7 @@ class IptablesIpset:
                     fam,
                     ct_mask=policy.config.daemon.ct_mask,
                     log_rejects=policy.config.daemon.log_rejects,
+                    nflog=self.nflog,
                 )
             )
             actual: dict[str, int] = {}

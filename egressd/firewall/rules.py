@@ -4,6 +4,18 @@ One render per family. The text declares egressd's own chains, which iptables-re
 --noflush flushes and refills in one transaction: a (re)start or reload never has a moment
 where the agent's traffic is unfiltered. The OUTPUT jumps into those chains are added only
 when missing (the caller checks), so applying twice changes nothing.
+
+Rejected packets (``daemon.log_rejects``, on by default) go to NFLOG before the REJECT, so
+that egressd itself reads them back (egressd.firewall.nflog) and writes one journal record
+per blocked connection with the uid, the profile and what egressd knows of the address
+(egressd.attribution): an attributed record instead of an unattributed kernel log line,
+which is why NFLOG replaces the LOG rule rather than joining it. Each profile has its own
+group, ``NFLOG_BASE`` + its conntrack mark id: stable across reloads and restarts like the
+id, unique per profile, and away from the low groups other NFLOG users (ulogd) take by
+default. NFLOG groups are 16 bits: a profile whose id does not fit (only with a very
+wide ``daemon.ct_mask``) keeps the kernel LOG rule. The rule is rate-limited in the kernel
+(``NFLOG_LIMIT`` per profile and family) so that a flood of rejected packets costs egressd
+nothing; above that, egressd's per-profile record budget (blocklog) applies.
 """
 
 from __future__ import annotations
@@ -25,6 +37,9 @@ CHAIN_PREFIX = "EGRESSD-"
 JUMPS = (("filter", FILTER_CHAIN), ("nat", NAT_CHAIN))
 
 LOG_LIMIT = "--limit 10/second --limit-burst 20"
+NFLOG_LIMIT = "--limit 20/second --limit-burst 40"
+NFLOG_BASE = 16384  # a profile's group: this + its mark id (see the module docstring)
+NFLOG_MAX = 0xFFFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,12 +85,25 @@ def _hashlimit_name(profile: Profile) -> str:
     return f"egressd-{profile.mark_id}-{profile.conn_rate}-{profile.conn_burst}"
 
 
+def nflog_group(profile: Profile) -> int | None:
+    """The NFLOG group of the profile's rejected packets; None if its id does not fit."""
+    group = NFLOG_BASE + profile.mark_id
+    return group if profile.mark_id > 0 and group <= NFLOG_MAX else None
+
+
+def nflog_groups(profiles: Sequence[Profile]) -> dict[int, str]:
+    """NFLOG group -> profile name, for the profiles whose rejects go to NFLOG."""
+    return {g: p.name for p in profiles if (g := nflog_group(p)) is not None}
+
+
 def _log_prefix(profile: Profile) -> str:
     # The kernel takes at most 29 characters; a 15-character profile name would overflow.
     return f"egressd reject {profile.name}"[:27] + ": "
 
 
-def _profile_rules(profile: Profile, fam: Family, ct_mask: int, log_rejects: bool) -> list[str]:
+def _profile_rules(
+    profile: Profile, fam: Family, ct_mask: int, log_rejects: bool, nflog: bool
+) -> list[str]:
     chain, admit, reject = profile_chain(profile), admit_chain(profile), reject_chain(profile)
     mark = mark_of(profile, ct_mask)
     rules = [
@@ -125,7 +153,10 @@ def _profile_rules(profile: Profile, fam: Family, ct_mask: int, log_rejects: boo
     # packets never get here), then accept.
     rules.append(f"-A {admit} -j CONNMARK --set-xmark {mark}")
     rules.append(f"-A {admit} -j ACCEPT")
-    if log_rejects:
+    group = nflog_group(profile) if nflog else None
+    if log_rejects and group is not None:
+        rules.append(f"-A {reject} -m limit {NFLOG_LIMIT} -j NFLOG --nflog-group {group}")
+    elif log_rejects:
         rules.append(
             f'-A {reject} -m limit {LOG_LIMIT} -j LOG --log-prefix "{_log_prefix(profile)}"'
             " --log-uid"
@@ -141,6 +172,7 @@ def render(
     *,
     ct_mask: int = DEFAULT_CT_MASK,
     log_rejects: bool = True,
+    nflog: bool = True,
     missing_jumps: Sequence[tuple[str, str]] = (),
     stale_jumps: Mapping[tuple[str, str], int] = MappingProxyType({}),
 ) -> str:
@@ -149,7 +181,8 @@ def render(
     ``missing_jumps`` are inserted at the top of OUTPUT. ``stale_jumps`` maps a jump that
     exists but is not (only) the first OUTPUT rule to its number of copies: they are all
     deleted and one is inserted at the top, in the same transaction, so there is no moment
-    without the jump.
+    without the jump. ``nflog=False`` logs rejects with the kernel's LOG instead of NFLOG
+    (for a kernel without nfnetlink_log, where the NFLOG rule would not load).
     """
 
     def jump(table: str, chain: str) -> list[str]:
@@ -167,7 +200,7 @@ def render(
         for owner in _owners(p):
             out.append(f"-A {FILTER_CHAIN} -m owner --uid-owner {owner} -j {profile_chain(p)}")
     for p in profiles:
-        out += _profile_rules(p, fam, ct_mask, log_rejects)
+        out += _profile_rules(p, fam, ct_mask, log_rejects, nflog)
     out.append("COMMIT")
 
     out += ["*nat", f":{NAT_CHAIN} - [0:0]"]

@@ -10,6 +10,8 @@ emptied by the swap.
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ from egressd.daemon import Daemon, check_ports
 from egressd.errors import ConfigError, FirewallError
 from egressd.events import Error, Event, Reloaded, ReloadFailed
 from egressd.firewall.base import Write
+from egressd.firewall.nflog import NflogError
 from egressd.ledger import Ledger
 from egressd.pipeline import Pipeline, PolicyRef
 from egressd.policy import Policy
@@ -55,6 +58,7 @@ class FakeFirewall:
     clashes: list[str] = field(default_factory=list)
     found: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
     families: tuple[int, ...] = (4, 6)
+    nflog: bool = True  # NFLOG rules (else the kernel LOG rule)
 
     async def install(self, policy: object) -> dict[str, list[tuple[str, int]]]:
         self.log.append(("install", policy, self.serving()))
@@ -85,6 +89,25 @@ class FakeFirewall:
 
     def calls(self) -> list[str]:
         return [name for name, _, _ in self.log]
+
+
+@dataclass
+class FakeNflog:
+    """The NFLOG reader, without a netlink socket: ``fail`` is the bind's errno."""
+
+    fail: int = 0
+    bound: list[dict[int, str]] = field(default_factory=list)
+
+    def start(self, groups: dict[int, str]) -> None:
+        if self.fail:
+            raise NflogError(self.fail, os.strerror(self.fail))
+        self.bound.append(dict(groups))
+
+    def rebind(self, groups: dict[int, str]) -> None:
+        self.bound.append(dict(groups))
+
+    def close(self) -> None:
+        pass
 
 
 class FakeLocal:
@@ -137,6 +160,7 @@ def serving_rig(
     fw = FakeFirewall(lambda: d.ref.policy if d.ref is not None else None)
     d.firewall = fw  # type: ignore[assignment]
     d.local = FakeLocal()  # type: ignore[assignment]
+    d.nflog = FakeNflog()  # type: ignore[assignment]
     d.ref = PolicyRef(Policy(first))
     d.pipeline = Pipeline(
         d.ref,
@@ -276,6 +300,7 @@ def starting_daemon(
     fw = FakeFirewall(lambda: d.ref.policy if d.ref is not None else None)
     d.firewall = fw  # type: ignore[assignment]
     d.local = FakeLocal()  # type: ignore[assignment]
+    d.nflog = FakeNflog()  # type: ignore[assignment]
     return d, fw, events
 
 
@@ -344,3 +369,25 @@ def test_check_ports_refuses_when_it_cannot_tell(tmp_path: Path, content: str | 
         proc.write_text(content)
     with pytest.raises(ConfigError, match="refusing to start"):
         check_ports(make_config("**.example.com\n", port=53), str(proc))
+
+
+@pytest.mark.parametrize(("fail", "nflog"), [(0, True), (errno.EPERM, True), (errno.ENOENT, False)])
+def test_nflog_is_bound_before_the_install_which_falls_back_to_log_without_it(
+    fail: int,
+    nflog: bool,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    unprivileged_start: Path,
+) -> None:
+    """A kernel where the groups cannot be bound gets the LOG rule (an NFLOG rule that does
+    not load would fail the whole install); a group another program holds (EPERM) keeps
+    NFLOG: the rule loads, the other program gets the packets."""
+    d, fw, events = starting_daemon(make_config("**.example.com\n"), tmp_path, monkeypatch)
+    d.nflog = FakeNflog(fail)  # type: ignore[assignment]
+    fw.fail_install = 1  # stop right after the install: what it was told is what matters
+    assert asyncio.run(d.run()) == 1
+    assert fw.nflog is nflog
+    errors = [e.where for e in events if isinstance(e, Error)]
+    assert errors == (
+        ["firewall install"] if not fail else ["blocked connections", "firewall install"]
+    )

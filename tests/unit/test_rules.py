@@ -184,9 +184,9 @@ def test_agent_chain_v4_order() -> None:
         "-A EGRESSD-A-agent -j CONNMARK --set-xmark 0x7000000/0xff000000",
         "-A EGRESSD-A-agent -j ACCEPT",
     ]
-    log = '-m limit --limit 10/second --limit-burst 20 -j LOG --log-prefix "egressd reject'
     assert chain_rules(text, "EGRESSD-R-agent") == [
-        f'-A EGRESSD-R-agent {log} agent: " --log-uid',
+        "-A EGRESSD-R-agent -m limit --limit 20/second --limit-burst 40 -j NFLOG"
+        " --nflog-group 16391",
         "-A EGRESSD-R-agent -p tcp -j REJECT --reject-with tcp-reset",
         "-A EGRESSD-R-agent -j REJECT --reject-with icmp-admin-prohibited",
     ]
@@ -263,7 +263,7 @@ def test_mark_of_places_the_id_under_the_mask() -> None:
 
 def test_log_prefix_fits_the_kernel_limit() -> None:
     longest = Profile(name="a" * 15, uids=(5,))
-    for ln in lines(render([longest], V4)):
+    for ln in lines(render([longest], V4, nflog=False)):
         if "--log-prefix" in ln:
             prefix = ln.split('--log-prefix "')[1].split('"')[0]
             assert len(prefix) <= 29 and prefix.startswith("egressd reject ")
@@ -325,8 +325,40 @@ def test_rule_counts_of_a_render_and_of_iptables_save_agree() -> None:
 
 
 def test_no_log_rule_without_log_rejects() -> None:
-    assert " LOG " not in render(PROFILES, V4, log_rejects=False)
-    assert " LOG " in render(PROFILES, V4)
+    for fam in (V4, V6):
+        quiet = render(PROFILES, fam, log_rejects=False)
+        assert " LOG " not in quiet and " NFLOG " not in quiet
+        assert " NFLOG " in render(PROFILES, fam) and " LOG " not in render(PROFILES, fam)
+
+
+def test_rejects_go_to_the_profiles_nflog_group_before_the_rejects() -> None:
+    for fam in (V4, V6):
+        text = render(PROFILES, fam)
+        for p, group in ((AGENT, 16391), (BUILD, 16639)):
+            r = chain_rules(text, rules.reject_chain(p))
+            assert r[0].endswith(f"-j NFLOG --nflog-group {group}") and "-m limit" in r[0]
+            assert all("REJECT" in ln for ln in r[1:]) and len(r) == 3
+    assert rules.nflog_groups(PROFILES) == {16391: "agent", 16639: "build"}
+
+
+def test_nflog_groups_are_16_bit_else_the_kernel_log() -> None:
+    wide = Profile(name="wide", uids=(5,), mark_id=65536 - rules.NFLOG_BASE)
+    widest = Profile(name="widest", uids=(6,), mark_id=65535 - rules.NFLOG_BASE)
+    assert rules.nflog_group(wide) is None
+    assert rules.nflog_group(widest) == 65535
+    assert rules.nflog_groups([wide, widest]) == {65535: "widest"}
+    text = render([wide, widest], V4)
+    assert chain_rules(text, "EGRESSD-R-wide")[0].startswith(
+        "-A EGRESSD-R-wide -m limit --limit 10/second --limit-burst 20 -j LOG --log-prefix"
+    )
+    assert chain_rules(text, "EGRESSD-R-widest")[0].endswith("-j NFLOG --nflog-group 65535")
+
+
+def test_without_nflog_the_kernel_log_as_before() -> None:
+    log = '-m limit --limit 10/second --limit-burst 20 -j LOG --log-prefix "egressd reject'
+    r = chain_rules(render(PROFILES, V4, nflog=False), "EGRESSD-R-agent")
+    assert r[0] == f'-A EGRESSD-R-agent {log} agent: " --log-uid'
+    assert " NFLOG " not in render(PROFILES, V4, nflog=False)
 
 
 def test_no_profiles() -> None:
