@@ -89,7 +89,7 @@ class AuditMode(Event):
     def message(self) -> str:
         return (
             f"profile {self.profile} is in AUDIT mode: every name is answered and granted, "
-            "nothing is blocked (set mode = \"enforce\" to enforce the allowlist)"
+            'nothing is blocked (set mode = "enforce" to enforce the allowlist)'
         )
 
 
