@@ -359,9 +359,8 @@ class NflogReader:
                 return
             except OSError as err:
                 if err.errno == errno.ENOBUFS:
-                    self.stats.nflog_overruns += (
-                        1  # the kernel dropped messages: nothing to attribute
-                    )
+                    # The kernel dropped messages (a full buffer): nothing to attribute.
+                    self.stats.nflog_overruns += 1
                     continue
                 self.on_error(f"NFLOG socket failed, blocked connections are not logged: {err}")
                 self.close()
