@@ -18,15 +18,22 @@ import struct
 from collections.abc import Sequence
 
 from .base import Write
+from .nfnetlink import (
+    NFGENMSG,
+    NLA,
+    NLA_F_NESTED,
+    NLA_F_NET_BYTEORDER,
+    NLMSG_ERROR,
+    NLMSGERR,
+    NLMSGHDR,
+    attr,
+    pad,
+    request,
+)
 
 NFNL_SUBSYS_IPSET = 6
 IPSET_CMD_ADD = 9
 IPSET_CMD_DEL = 10
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
-NLMSG_ERROR = 0x2
-NLA_F_NESTED = 1 << 15
-NLA_F_NET_BYTEORDER = 1 << 14
 # The nfgenmsg family pyroute2's AsyncIPSet sends (its nfgen_family default, AF_INET) on
 # every request whatever the set's family; the kernel checks the set's family itself.
 NFGEN_FAMILY = 2
@@ -43,48 +50,34 @@ _ADDRESS: dict[int, type[ipaddress.IPv4Address | ipaddress.IPv6Address]] = {
     6: ipaddress.IPv6Address,
 }
 
-_NLMSGHDR = struct.Struct("=IHHII")
-_NFGENMSG = struct.Struct("=BBH")  # res_id is big-endian, but always 0
-_NLA = struct.Struct("=HH")
 _U8 = struct.Struct("=HHB3x")  # an 8-bit attribute, padded
 
 
-def _pad(n: int) -> int:
-    return (n + 3) & ~3
-
-
-def _attr(kind: int, payload: bytes) -> bytes:
-    """One attribute: header, payload, zero padding to 4 bytes (the header's length
-    counts the payload but not the padding, as the kernel and pyroute2 do)."""
-    n = 4 + len(payload)
-    return _NLA.pack(n, kind) + payload + b"\0" * (_pad(n) - n)
-
-
 def _nested(kind: int, children: bytes) -> bytes:
-    return _NLA.pack(4 + len(children), kind | NLA_F_NESTED) + children
+    return NLA.pack(4 + len(children), kind | NLA_F_NESTED) + children
 
 
 def _be16(kind: int, value: int) -> bytes:
-    return _NLA.pack(6, kind | NLA_F_NET_BYTEORDER) + struct.pack(">H2x", value)
+    return NLA.pack(6, kind | NLA_F_NET_BYTEORDER) + struct.pack(">H2x", value)
 
 
 def _be32(kind: int, value: int, flags: int = NLA_F_NET_BYTEORDER) -> bytes:
-    return _NLA.pack(8, kind | flags) + struct.pack(">I", value)
+    return NLA.pack(8, kind | flags) + struct.pack(">I", value)
 
 
 def _be8(kind: int, value: int) -> bytes:
-    return _NLA.pack(5, kind | NLA_F_NET_BYTEORDER) + struct.pack(">B3x", value)
+    return NLA.pack(5, kind | NLA_F_NET_BYTEORDER) + struct.pack(">B3x", value)
 
 
 def _entry(w: Write, family: int) -> bytes:
     packed = _ADDRESS[family](w.ip).packed  # ValueError if not an IPv{family} address
-    addr = _NLA.pack(4 + len(packed), _ATTR_IPADDR[family] | NLA_F_NET_BYTEORDER) + packed
+    addr = NLA.pack(4 + len(packed), _ATTR_IPADDR[family] | NLA_F_NET_BYTEORDER) + packed
     body = _nested(_ATTR_IP_FROM, addr)
     if w.proto:
         body += _be16(_ATTR_PORT_FROM, w.port) + _be8(_ATTR_PROTO, w.proto)
     body += _be32(_ATTR_TIMEOUT, w.timeout)
     if w.comment:
-        body += _attr(_ATTR_COMMENT, w.comment[:MAX_COMMENT].encode() + b"\0")
+        body += attr(_ATTR_COMMENT, w.comment[:MAX_COMMENT].encode() + b"\0")
     return _nested(_ATTR_DATA, body)
 
 
@@ -99,23 +92,13 @@ def encode(
     `ipset restore` failed. The command-level LINENO is required with a list of entries.
     """
     body = (
-        _NFGENMSG.pack(NFGEN_FAMILY, NFNETLINK_V0, 0)
+        NFGENMSG.pack(NFGEN_FAMILY, NFNETLINK_V0, 0)
         + _U8.pack(5, _ATTR_PROTOCOL, protocol)
-        + _attr(_ATTR_SETNAME, set_name.encode() + b"\0")
+        + attr(_ATTR_SETNAME, set_name.encode() + b"\0")
         + _be32(_ATTR_LINENO, 0, flags=0)
         + _nested(_ATTR_ADT, b"".join(_entry(w, family) for w in writes))
     )
-    header = _NLMSGHDR.pack(
-        _NLMSGHDR.size + len(body),
-        (NFNL_SUBSYS_IPSET << 8) | cmd,
-        NLM_F_REQUEST | NLM_F_ACK,
-        seq,
-        0,
-    )
-    return header + body
-
-
-_NLMSGERR = struct.Struct("=i")
+    return request(NFNL_SUBSYS_IPSET, cmd, body, seq)
 
 
 def acks(data: bytes) -> list[tuple[int, int]]:
@@ -127,12 +110,12 @@ def acks(data: bytes) -> list[tuple[int, int]]:
     """
     out = []
     offset = 0
-    while offset + _NLMSGHDR.size <= len(data):
-        length, kind, _flags, seq, _pid = _NLMSGHDR.unpack_from(data, offset)
-        if length < _NLMSGHDR.size or offset + length > len(data):
+    while offset + NLMSGHDR.size <= len(data):
+        length, kind, _flags, seq, _pid = NLMSGHDR.unpack_from(data, offset)
+        if length < NLMSGHDR.size or offset + length > len(data):
             break
-        if kind == NLMSG_ERROR and length >= _NLMSGHDR.size + _NLMSGERR.size:
-            (error,) = _NLMSGERR.unpack_from(data, offset + _NLMSGHDR.size)
+        if kind == NLMSG_ERROR and length >= NLMSGHDR.size + NLMSGERR.size:
+            (error,) = NLMSGERR.unpack_from(data, offset + NLMSGHDR.size)
             out.append((seq, -error))
-        offset += _pad(length)
+        offset += pad(length)
     return out

@@ -39,15 +39,22 @@ from dataclasses import dataclass
 import dns.ipv6
 
 from ..stats import Stats
+from .nfnetlink import (
+    NFGENMSG,
+    NLA,
+    NLA_TYPE_MASK,
+    NLMSG_ERROR,
+    NLMSGERR,
+    NLMSGHDR,
+    attr,
+    pad,
+    request,
+)
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_ULOG = 4
 NFULNL_MSG_PACKET = 0
 NFULNL_MSG_CONFIG = 1
-NLMSG_ERROR = 2
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
-NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
 
 # Config attributes and values.
 NFULA_CFG_CMD = 1
@@ -66,10 +73,6 @@ NFULA_UID = 11
 COPY_RANGE = 128  # bytes of each packet: IPv6 + a few extension headers + TCP's ports
 RCVBUF = 1 << 20
 
-_NLMSGHDR = struct.Struct("=IHHII")
-_NFGENMSG = struct.Struct("=BBH")
-_NLA = struct.Struct("=HH")
-_NLMSGERR = struct.Struct("=i")
 
 _PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 136: "udplite"}
 _PORTED = {6, 17, 132, 136}  # the destination port is the L4 header's second 16 bits
@@ -90,36 +93,20 @@ class Blocked:
     port: int  # the destination port; 0 for protocols without ports or a non-first fragment
 
 
-def _pad(n: int) -> int:
-    return (n + 3) & ~3
-
-
-def _attr(kind: int, payload: bytes) -> bytes:
-    n = 4 + len(payload)
-    return _NLA.pack(n, kind) + payload + b"\0" * (_pad(n) - n)
-
-
 def config_message(group: int, command: int, seq: int) -> bytes:
     """A request binding (NFULNL_CFG_CMD_BIND, with copy mode and flush settings) or
     unbinding one group, asking for an ACK."""
     if not 0 <= group <= 0xFFFF:
         raise ValueError(f"NFLOG group {group} is not 16 bits")
-    body = _NFGENMSG.pack(socket.AF_UNSPEC, 0, socket.htons(group))
-    body += _attr(NFULA_CFG_CMD, struct.pack("B", command))
+    body = NFGENMSG.pack(socket.AF_UNSPEC, 0, socket.htons(group))
+    body += attr(NFULA_CFG_CMD, struct.pack("B", command))
     if command == NFULNL_CFG_CMD_BIND:
         # struct nfulnl_msg_config_mode { __be32 copy_range; __u8 copy_mode; __u8 _pad; }
-        body += _attr(NFULA_CFG_MODE, struct.pack(">IBx", COPY_RANGE, NFULNL_COPY_PACKET))
+        body += attr(NFULA_CFG_MODE, struct.pack(">IBx", COPY_RANGE, NFULNL_COPY_PACKET))
         # One packet per message, sent at once: the record should not wait for a batch.
-        body += _attr(NFULA_CFG_QTHRESH, struct.pack(">I", 1))
-        body += _attr(NFULA_CFG_TIMEOUT, struct.pack(">I", 1))  # 1/100 s
-    header = _NLMSGHDR.pack(
-        _NLMSGHDR.size + len(body),
-        (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG,
-        NLM_F_REQUEST | NLM_F_ACK,
-        seq,
-        0,
-    )
-    return header + body
+        body += attr(NFULA_CFG_QTHRESH, struct.pack(">I", 1))
+        body += attr(NFULA_CFG_TIMEOUT, struct.pack(">I", 1))  # 1/100 s
+    return request(NFNL_SUBSYS_ULOG, NFULNL_MSG_CONFIG, body, seq)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,20 +131,20 @@ def parse(data: bytes) -> Iterator[Message]:
     """
     offset = 0
     while offset < len(data):
-        if offset + _NLMSGHDR.size > len(data):
+        if offset + NLMSGHDR.size > len(data):
             yield Malformed("truncated netlink header")
             return
-        length, kind, _flags, seq, _pid = _NLMSGHDR.unpack_from(data, offset)
-        if length < _NLMSGHDR.size or offset + length > len(data):
+        length, kind, _flags, seq, _pid = NLMSGHDR.unpack_from(data, offset)
+        if length < NLMSGHDR.size or offset + length > len(data):
             yield Malformed(f"netlink length {length} does not fit the datagram")
             return
-        body = data[offset + _NLMSGHDR.size : offset + length]
-        offset += _pad(length)
+        body = data[offset + NLMSGHDR.size : offset + length]
+        offset += pad(length)
         if kind == NLMSG_ERROR:
-            if len(body) < _NLMSGERR.size:
+            if len(body) < NLMSGERR.size:
                 yield Malformed("truncated netlink error")
             else:
-                yield Ack(seq, -_NLMSGERR.unpack_from(body)[0])
+                yield Ack(seq, -NLMSGERR.unpack_from(body)[0])
         elif kind == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET:
             yield _packet(body)
         # Anything else (NLMSG_DONE, NOOP) carries nothing for us.
@@ -166,20 +153,20 @@ def parse(data: bytes) -> Iterator[Message]:
 def _attrs(data: bytes, offset: int) -> dict[int, bytes] | None:
     """Attribute type -> payload; None when an attribute's length is impossible."""
     out: dict[int, bytes] = {}
-    while offset + _NLA.size <= len(data):
-        n, kind = _NLA.unpack_from(data, offset)
-        if n < _NLA.size or offset + n > len(data):
+    while offset + NLA.size <= len(data):
+        n, kind = NLA.unpack_from(data, offset)
+        if n < NLA.size or offset + n > len(data):
             return None
-        out[kind & NLA_TYPE_MASK] = data[offset + _NLA.size : offset + n]
-        offset += _pad(n)
+        out[kind & NLA_TYPE_MASK] = data[offset + NLA.size : offset + n]
+        offset += pad(n)
     return out
 
 
 def _packet(body: bytes) -> Message:
-    if len(body) < _NFGENMSG.size:
+    if len(body) < NFGENMSG.size:
         return Malformed("truncated nfgenmsg")
-    family, _version, res_id = _NFGENMSG.unpack_from(body)
-    attrs = _attrs(body, _NFGENMSG.size)
+    family, _version, res_id = NFGENMSG.unpack_from(body)
+    attrs = _attrs(body, NFGENMSG.size)
     if attrs is None:
         return Malformed("bad attribute length")
     payload = attrs.get(NFULA_PAYLOAD)
