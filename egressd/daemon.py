@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import gc
 import os
@@ -330,8 +331,10 @@ class Daemon:
         assert self.ref is not None
         profiles = self.ref.policy.config.profiles
         s = self.stats
+        audit = [p.name for p in profiles if p.mode == "audit"]
         return (
-            f"{len(profiles)} profile(s), policy {self.ref.policy.digest}; "
+            (f"AUDIT MODE (nothing blocked): {', '.join(audit)}; " if audit else "")
+            + f"{len(profiles)} profile(s), policy {self.ref.policy.digest}; "
             f"{s.queries} queries, {s.blocked} blocked, {s.refused} refused, "
             f"{s.malformed} malformed, {s.servfail_upstream + s.servfail_grant} servfail, "
             f"{s.repairs} repairs; rules checked "
@@ -710,7 +713,6 @@ class Daemon:
                 problems.append(f"profile {p.name}: no listener on port {p.port}")
             if p.mode == "audit":
                 warnings.append(f"profile {p.name} is in AUDIT mode: nothing is blocked")
-            counts = self.stats.of(p.name)
             live = [
                 (name, self.ledger.live(name, now))
                 for family, name in ((4, p.set4), (4, p.pset4), (6, p.set6), (6, p.pset6))
@@ -724,13 +726,7 @@ class Daemon:
                     "uid_ranges": [list(r) for r in p.uid_ranges],
                     "port": p.port,
                     "listeners": list(listener.addresses) if listener else [],
-                    "counts": {
-                        "answered": counts.answered,
-                        "blocked": counts.blocked,
-                        "refused": counts.refused,
-                        "servfail": counts.servfail,
-                        "audited": counts.audited,
-                    },
+                    "counts": dataclasses.asdict(self.stats.of(p.name)),
                     "grants": sum(n for _, n in live),
                     "sets": [
                         {"name": name, "entries": n, "maxelem": config.grants.maxelem}

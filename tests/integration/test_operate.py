@@ -137,6 +137,7 @@ def test_audit_mode_lets_the_agent_through_and_says_what_would_be_blocked(lab: L
     assert snap["profiles"][0]["counts"]["audited"] == 1
     assert any("AUDIT" in w for w in snap["warnings"])
     assert "AUDIT" in egressd("status", "--config", str(config)).stdout
+    assert any("STATUS=AUDIT MODE (nothing blocked): agent;" in n for n in d.notifications())
 
     # The twin: enforcing, the same name is blocked, and its audit grant is taken back.
     text = config.read_text(encoding="utf-8")
