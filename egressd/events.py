@@ -36,7 +36,7 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class QueryBlocked(Event):
-    MESSAGE_ID: ClassVar[str] = "0c8d6f0e9a0b4a57a1c4f1a7d4b2e901"
+    MESSAGE_ID: ClassVar[str] = "1cf3818a89bc4b63bd9688aac4e787a2"
     PER_QUERY: ClassVar[bool] = True
     PRIORITY: ClassVar[int] = 5  # notice
     profile: str
@@ -122,7 +122,7 @@ class ConnectionBlocked(Event):
 class Unlogged(Event):
     """Per-query records over the logging rate limit: counted, not logged one by one."""
 
-    MESSAGE_ID: ClassVar[str] = "9e1d2c3b4a5f4e6d8c7b6a5f4e3d2c1b"
+    MESSAGE_ID: ClassVar[str] = "012d6e20f4c4485092bd8b68cc117d3c"
     PRIORITY: ClassVar[int] = 4
     count: int
     events: str  # per profile, e.g. "agent:QueryBlocked=950,build:UpstreamFailed=3"
@@ -135,7 +135,7 @@ class Unlogged(Event):
 class QueryRefused(Event):
     """A query refused before policy: several questions, bad class or opcode, garbage."""
 
-    MESSAGE_ID: ClassVar[str] = "5b0e0ec3b8a14b7c9d3e55a4f0c6a1b2"
+    MESSAGE_ID: ClassVar[str] = "6d851dda8d4b4db8bd8502f0322aa1a6"
     PER_QUERY: ClassVar[bool] = True
     PRIORITY: ClassVar[int] = 5
     profile: str
@@ -173,7 +173,7 @@ class AnswerFiltered(Event):
 
 @dataclass(frozen=True, slots=True)
 class GrantFailed(Event):
-    MESSAGE_ID: ClassVar[str] = "8f3c2d1e6b5a4c3d9e8f7a6b5c4d3e2f"
+    MESSAGE_ID: ClassVar[str] = "fa723dfe09ee43308697f4c10105d082"
     PER_QUERY: ClassVar[bool] = True
     PRIORITY: ClassVar[int] = 3  # err
     profile: str
@@ -186,7 +186,7 @@ class GrantFailed(Event):
 
 @dataclass(frozen=True, slots=True)
 class UpstreamFailed(Event):
-    MESSAGE_ID: ClassVar[str] = "2a7b9c0d1e2f4a5b8c9d0e1f2a3b4c5d"
+    MESSAGE_ID: ClassVar[str] = "3b05678c27954ada83e19c6838558bac"
     PER_QUERY: ClassVar[bool] = True
     PRIORITY: ClassVar[int] = 4  # warning
     profile: str
@@ -199,7 +199,7 @@ class UpstreamFailed(Event):
 
 @dataclass(frozen=True, slots=True)
 class RulesInstalled(Event):
-    MESSAGE_ID: ClassVar[str] = "6d1f4e2a9b8c4d7e8f0a1b2c3d4e5f60"
+    MESSAGE_ID: ClassVar[str] = "8681d5e026b04eafb65724d0fde32668"
     profiles: tuple[str, ...]
     families: tuple[str, ...]
     policy_hash: str
@@ -213,7 +213,7 @@ class RulesInstalled(Event):
 
 @dataclass(frozen=True, slots=True)
 class Started(Event):
-    MESSAGE_ID: ClassVar[str] = "b1c2d3e4f5a64b7c8d9e0f1a2b3c4d5e"
+    MESSAGE_ID: ClassVar[str] = "ea738286feed4a7f8d143efebfdfbb9d"
     version: str
     config: str
     upstreams: tuple[str, ...]
@@ -225,7 +225,7 @@ class Started(Event):
 
 @dataclass(frozen=True, slots=True)
 class Reloaded(Event):
-    MESSAGE_ID: ClassVar[str] = "c3d4e5f6a7b84c9d0e1f2a3b4c5d6e7f"
+    MESSAGE_ID: ClassVar[str] = "31a9cbc6ae2445239609e229566cf0ad"
     config: str
     policy_hash: str
 
@@ -235,7 +235,7 @@ class Reloaded(Event):
 
 @dataclass(frozen=True, slots=True)
 class ReloadFailed(Event):
-    MESSAGE_ID: ClassVar[str] = "d4e5f6a7b8c94d0e1f2a3b4c5d6e7f80"
+    MESSAGE_ID: ClassVar[str] = "0bbcb07ab8e7403ba61c22a571696efd"
     PRIORITY: ClassVar[int] = 3
     config: str
     error: str
@@ -248,7 +248,7 @@ class ReloadFailed(Event):
 class Revoked(Event):
     """A reload took back set entries only names it no longer allows had justified."""
 
-    MESSAGE_ID: ClassVar[str] = "4b7e1f0c2d9a4e38b6c5a1d2e3f40516"
+    MESSAGE_ID: ClassVar[str] = "49452356a0e64bffbd2c0bcb519b4bb4"
     removed: int
     added: int  # entries a line's new ports= justify
     addresses: tuple[str, ...]  # the first 20 removed, ip or ip:port
@@ -260,7 +260,7 @@ class Revoked(Event):
 
 @dataclass(frozen=True, slots=True)
 class Stopping(Event):
-    MESSAGE_ID: ClassVar[str] = "e5f6a7b8c9d04e1f2a3b4c5d6e7f8091"
+    MESSAGE_ID: ClassVar[str] = "340c484b1b434c51942c51728235d217"
     reason: str
 
     def message(self) -> str:
@@ -269,7 +269,7 @@ class Stopping(Event):
 
 @dataclass(frozen=True, slots=True)
 class Repaired(Event):
-    MESSAGE_ID: ClassVar[str] = "f6a7b8c9d0e14f2a3b4c5d6e7f8091a2"
+    MESSAGE_ID: ClassVar[str] = "0a9d4259ed8247a7a2504ab7b6ad87a8"
     PRIORITY: ClassVar[int] = 4
     what: str
     # Milliseconds from the first nf_tables change event (or, without one, from the verify
@@ -284,7 +284,7 @@ class Repaired(Event):
 
 @dataclass(frozen=True, slots=True)
 class Error(Event):
-    MESSAGE_ID: ClassVar[str] = "0a1b2c3d4e5f4a6b7c8d9e0f1a2b3c4d"
+    MESSAGE_ID: ClassVar[str] = "6773676c9b62447c86fa430d0ed1886f"
     PRIORITY: ClassVar[int] = 3
     where: str
     error: str

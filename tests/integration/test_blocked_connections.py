@@ -20,7 +20,7 @@ from egressd.firewall import rules
 pytestmark = pytest.mark.netns
 
 BLOCKED_ID = "1a7aa55f80fe4e08b2acaedf958be9ea"  # events.ConnectionBlocked.MESSAGE_ID
-RELOADED_ID = "c3d4e5f6a7b84c9d0e1f2a3b4c5d6e7f"  # events.Reloaded.MESSAGE_ID
+RELOADED_ID = "31a9cbc6ae2445239609e229566cf0ad"  # events.Reloaded.MESSAGE_ID
 NEVER = "never resolved through egressd"
 
 RECORDS = {

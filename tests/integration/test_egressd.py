@@ -348,7 +348,7 @@ def test_blocked_query_is_a_structured_journald_record(lab: Lab) -> None:
     records = lab.journal_wait("EGRESSD_QNAME=blocked.test", "EGRESSD_QTYPE=A")
     assert records, "no journal record for the blocked query"
     rec = records[0]
-    assert rec["MESSAGE_ID"] == "0c8d6f0e9a0b4a57a1c4f1a7d4b2e901"
+    assert rec["MESSAGE_ID"] == "1cf3818a89bc4b63bd9688aac4e787a2"
     assert rec["EGRESSD_VERDICT"] == "block"
     assert rec["EGRESSD_PROFILE"] == "agent"
     assert rec["EGRESSD_UIDS"] == str(AGENT)

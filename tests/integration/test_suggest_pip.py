@@ -41,7 +41,7 @@ CDN_IP = "203.0.113.81"
 HTTP_PORT = 8000
 PKG = "labpkg"
 WHEEL = f"{PKG}-1.0-py3-none-any.whl"
-RELOADED = "c3d4e5f6a7b84c9d0e1f2a3b4c5d6e7f"  # events.Reloaded.MESSAGE_ID
+RELOADED = "31a9cbc6ae2445239609e229566cf0ad"  # events.Reloaded.MESSAGE_ID
 
 # A static HTTP server (the index and the files) that logs each request's Host header,
 # path and the address it was sent to as JSON lines, and says when it listens.
