@@ -11,9 +11,10 @@ from collections.abc import Callable, Sequence
 
 from . import __version__
 from .commands import check, doctor, grants, reload, status, suggest
-from .config import CommandLine, Config, Sources, from_command_line, load
+from .config import DEFAULT_PRESETS_DIR, CommandLine, Config, restricts_nobody
 from .errors import ConfigError, FirewallError
 from .journal import Reporter
+from .sources import Sources, from_command_line, load
 from .subids import getsubids
 
 DEFAULT_CONFIG = "/etc/egressd/egressd.toml"
@@ -55,6 +56,18 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="FILE",
         help="allowlist file, one pattern per line (repeatable)",
+    )
+    one.add_argument(
+        "--preset",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a preset allowlist shipped with egressd, e.g. python, node, github (repeatable)",
+    )
+    one.add_argument(
+        "--presets-dir",
+        metavar="DIR",
+        help=f"where the presets are (default {DEFAULT_PRESETS_DIR})",
     )
     one.add_argument(
         "--allow",
@@ -114,12 +127,14 @@ def _loader(args: argparse.Namespace) -> Callable[[], Config]:
         or args.listen
         or args.min_ttl is not None
         or args.allow_private
+        or args.preset
+        or args.presets_dir is not None
     )
     if args.config and one_line:
         raise ConfigError("use either --config or the one-line options (--user ...), not both")
     if args.config:
         path = args.config
-        return lambda: load(path, SOURCES)
+        return lambda: _restricting(load(path, SOURCES))
     cl = CommandLine(
         users=args.user,
         allowlists=args.allowlist,
@@ -128,8 +143,49 @@ def _loader(args: argparse.Namespace) -> Callable[[], Config]:
         listen=args.listen,
         min_ttl=args.min_ttl,
         allow_private=args.allow_private,
+        presets=args.preset,
+        presets_dir=args.presets_dir,
     )
     return lambda: from_command_line(cl, SOURCES)
+
+
+def _restricting(config: Config) -> Config:
+    """`run` (and every reload) refuses a configuration that restricts nobody: egressd
+    does not sit there looking like protection while the agent's user is unset."""
+    if restricts_nobody(config):
+        raise ConfigError(
+            "no user configured: no profile has `users`; name the agent's user in a drop-in, "
+            'e.g. /etc/egressd/conf.d/50-install.toml: [profiles.agent] users = ["agent"]',
+            file=config.path,
+        )
+    return config
+
+
+def _print_config(config: Config) -> None:
+    """What check-config found, and which files it came from (the main file, conf.d
+    drop-ins, presets, allowlist files), so a surprising rule can be traced to its file."""
+    print(f"config: {', '.join(config.files)}")
+    for p in config.profiles:
+        uids = ",".join(map(str, p.uids)) or "none (restricts nobody)"
+        print(f"profile {p.name}: uids {uids}, port {p.port}, {len(p.rules)} rules")
+        if p.uid_ranges:
+            ranges = ",".join(f"{a}-{b}" for a, b in p.uid_ranges)
+            print(f"profile {p.name}: subordinate uids {ranges} (restricted too)")
+        if p.presets:
+            print(
+                f"profile {p.name}: presets {', '.join(p.presets)} "
+                f"(from {config.daemon.presets_dir})"
+            )
+        for file in p.allowlists:
+            print(f"profile {p.name}: allowlist {file}")
+    print(f"upstreams: {', '.join(map(str, config.daemon.upstreams))}")
+    if restricts_nobody(config):
+        # Valid (the shipped egressd.toml is like this until a drop-in names the user),
+        # but `egressd run` refuses it.
+        print(
+            "no user configured: no profile restricts anybody; `egressd run` refuses this "
+            "until a drop-in in conf.d/ sets `users` (e.g. conf.d/50-install.toml)"
+        )
 
 
 def _need_root() -> None:
@@ -148,15 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as err:
             print(f"egressd: {err}", file=sys.stderr)
             return 2
-        for p in config.profiles:
-            print(
-                f"profile {p.name}: uids {','.join(map(str, p.uids))}, port {p.port}, "
-                f"{len(p.rules)} rules"
-            )
-            if p.uid_ranges:
-                ranges = ",".join(f"{a}-{b}" for a, b in p.uid_ranges)
-                print(f"profile {p.name}: subordinate uids {ranges} (restricted too)")
-        print(f"upstreams: {', '.join(map(str, config.daemon.upstreams))}")
+        _print_config(config)
         return 0
 
     if args.command == "uninstall":

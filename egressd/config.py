@@ -1,15 +1,18 @@
-"""Configuration: TOML file + allowlist files -> validated, frozen Config.
+"""Configuration: the schema and its validation, TOML texts in, a frozen Config out.
 
-Every error names the file, the line and the key. The reading of files, the user database
-and /etc/resolv.conf is injected (``Sources``) so that parsing stays testable without root.
+Pure: this module reads no file, directory, user database or /etc/resolv.conf. The
+adapter ``egressd.sources`` reads them and hands over texts and lists (``Text``,
+``Facts``); here they are merged (``merge``: the main file, then conf.d drop-ins, later
+wins key by key) and validated (``build``: the one function the TOML file and the
+command line (``command_line``) both go through). Every error names the file, the line
+and the key.
 """
 
 from __future__ import annotations
 
 import functools
 import ipaddress
-import os
-import pwd
+import posixpath
 import re
 import tomllib
 import zlib
@@ -39,6 +42,9 @@ DEFAULT_CONN_BURST = 2000
 # alone would let long-lived TCP connections pile up over minutes.
 DEFAULT_CONN_MAX = 4096
 DEFAULT_CONTROL = "/run/egressd/control"
+# Where the named allowlists (`presets = ["python", ...]`) are: shipped read-only by the
+# package, so an upgrade updates them and the operator's own lines live elsewhere.
+DEFAULT_PRESETS_DIR = "/usr/share/egressd/presets"
 # A profile's mode: "enforce" blocks what the allowlist does not allow; "audit" (learning)
 # answers and grants every name and logs each one enforcing mode would have blocked.
 MODES = ("enforce", "audit")
@@ -75,6 +81,7 @@ class DaemonSettings:
     control: str = DEFAULT_CONTROL
     # Prometheus metrics on this loopback address ("127.0.0.1:9153"); "" = off.
     metrics: str = ""
+    presets_dir: str = DEFAULT_PRESETS_DIR
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +121,11 @@ class Profile:
     ports: tuple[int, ...] = ()  # empty: every port of a granted address
     cidrs: tuple[IPNetwork, ...] = ()
     allow_loopback: bool = False
+    # The operator's allowlist files: the `allowlists` key, then allowlist.d/*.list and
+    # allowlist.d/PROFILE/*.list (where `egressd suggest --write` may append).
     allowlists: tuple[str, ...] = ()
+    # The presets (named, read-only allowlists in DaemonSettings.presets_dir) it uses.
+    presets: tuple[str, ...] = ()
     # `private_answers`: exceptions to the rebinding guard (egressd.rebind): query names
     # whose answers may carry private addresses, and networks whose addresses are fine.
     private_names: tuple[Rule, ...] = ()
@@ -155,46 +166,72 @@ class Config:
     daemon: DaemonSettings
     grants: GrantSettings
     profiles: tuple[Profile, ...]
+    # Every configuration file merged, in order: the main file, then conf.d/*.toml.
+    files: tuple[str, ...] = ()
 
 
-def _read_text(path: str) -> str:
-    with open(path, encoding="utf-8") as fh:
-        return fh.read()
+# --- texts in, settings with their place out -------------------------------------------------
 
 
-def _lookup_user(user: str) -> int:
-    return pwd.getpwnam(user).pw_uid
+@dataclass(frozen=True, slots=True)
+class Text:
+    """One configuration file as the sources module read it."""
+
+    path: str
+    text: str
 
 
-def _lookup_name(uid: int) -> str | None:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return None
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One key's value and where it was written (the last file that set it)."""
 
+    value: Any
+    file: str
+    line: int | None
+    key: str  # as the operator spells it: "profiles.agent.users", or "--user"
 
-def _no_nss_subuids(user: str) -> Sequence[tuple[int, int]]:
-    return ()  # the pure core runs no program; cli injects subids.getsubids
+    def error(self, message: str) -> ConfigError:
+        return ConfigError(message, file=self.file, line=self.line, key=self.key)
+
+    @property
+    def where(self) -> str:
+        """A rule's source: ``file:line``, or the option (``--allow``)."""
+        return f"{self.file}:{self.line}" if self.line is not None else self.key
 
 
 @dataclass(frozen=True)
-class Sources:
-    """Where config parsing gets outside facts from (real system by default)."""
+class Document:
+    """The merged settings: tables "daemon", "grants" and "profiles.NAME", key by key."""
 
-    read_text: Callable[[str], str] = _read_text
-    lookup_user: Callable[[str], int] = _lookup_user
-    resolv_conf: str = "/etc/resolv.conf"
-    # uid -> passwd name (None if there is none): subordinate ranges are listed by name.
-    lookup_name: Callable[[int], str | None] = _lookup_name
-    # shadow's subordinate uid file (subuid(5)), read at every load; missing means empty.
-    subuid_file: str = "/etc/subuid"
-    # A user's subordinate uid ranges from NSS (sssd, LDAP) as (start, count) pairs;
-    # raises ConfigError when they cannot be read.
-    nss_subuids: Callable[[str], Sequence[tuple[int, int]]] = _no_nss_subuids
+    path: str  # the main file (Config.path)
+    files: tuple[str, ...]  # every file merged, in order
+    tables: Mapping[str, Mapping[str, Setting]]
+    # Where each table was opened (first), for errors about a table or a key it lacks.
+    headers: Mapping[str, Setting]
+    profiles: tuple[str, ...]  # profile names, in the order they first appear
+    # Relative `allowlists` paths are relative to this directory ("" on the command line:
+    # relative to the working directory).
+    base_dir: str = ""
+    # allowlist.d/*.list and allowlist.d/PROFILE/*.list beside the main file apply
+    # (not to the one-line form, which has no configuration directory).
+    drop_ins: bool = False
+
+    def table(self, name: str) -> Mapping[str, Setting]:
+        return self.tables.get(name, {})
+
+    def at(self, table: str, key: str) -> Setting:
+        """The key's setting, or (when it is not set) a place for an error about it:
+        the table's header."""
+        found = self.table(table).get(key)
+        if found is not None:
+            return found
+        head = self.headers.get(table) or Setting(None, self.path, None, table)
+        # A file's table: "table.key" at its header; an option stands for the keys it sets.
+        dotted = f"{table}.{key}" if head.key == table else head.key
+        return Setting(None, head.file, head.line, dotted)
 
 
-# --- key locations -------------------------------------------------------------------------
-
+_TABLES = ("daemon", "grants", "profiles")
 _HEADER = re.compile(r"^\s*\[\s*([^\]]+?)\s*\]\s*(#.*)?$")
 
 
@@ -225,40 +262,161 @@ def _locate(text: str, table: str, key: str | None) -> int | None:
     return header_line
 
 
-class _Ctx:
-    def __init__(self, path: str, text: str) -> None:
-        self.path = path
-        self.text = text
-
-    def error(self, table: str, key: str | None, message: str) -> ConfigError:
-        dotted = f"{table}.{key}" if table and key else (key or table)
-        return ConfigError(message, file=self.path, line=_locate(self.text, table, key), key=dotted)
+def _place(src: Text, table: str, key: str | None) -> Setting:
+    dotted = f"{table}.{key}" if table and key else (key or table)
+    return Setting(None, src.path, _locate(src.text, table, key), dotted)
 
 
-# --- value checks --------------------------------------------------------------------------
+def _toml(src: Text) -> dict[str, Any]:
+    try:
+        return tomllib.loads(src.text)
+    except tomllib.TOMLDecodeError as err:
+        m = re.search(r"line (\d+)", str(err))
+        raise ConfigError(
+            f"not valid TOML: {err}", file=src.path, line=int(m.group(1)) if m else None
+        ) from None
 
 
-def _check_keys(ctx: _Ctx, table: str, data: dict[str, Any], allowed: Sequence[str]) -> None:
+def _check_keys(src: Text, table: str, data: Mapping[str, Any], allowed: Sequence[str]) -> None:
     for key in data:
         if key not in allowed:
-            raise ctx.error(table, key, f"unknown key (known: {', '.join(allowed)})")
+            raise _place(src, table, key).error(f"unknown key (known: {', '.join(allowed)})")
 
 
-def _typed(ctx: _Ctx, table: str, data: dict[str, Any], key: str, kind: type, default: Any) -> Any:
-    if key not in data:
-        return default
-    value = data[key]
-    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value, ok = float(value), True
-    if not ok:
-        raise ctx.error(table, key, f"expected {kind.__name__}, got {type(value).__name__}")
-    return value
+def merge(texts: Sequence[Text], base_dir: str = "", drop_ins: bool = True) -> Document:
+    """The main file, then each drop-in over it: key by key per table ([daemon], [grants],
+    [profiles.NAME]), the later file wins. A list is replaced, not extended, so a drop-in
+    says the whole of what it sets. Unknown keys and tables are refused in the file that
+    has them."""
+    tables: dict[str, dict[str, Setting]] = {}
+    headers: dict[str, Setting] = {}
+    profiles: list[str] = []
+    for src in texts:
+        data = _toml(src)
+        _check_keys(src, "", data, _TABLES)
+        for name in _TABLES:
+            if name in data and not isinstance(data[name], dict):
+                raise _place(src, "", name).error("expected a table")
+        sections: list[tuple[str, Mapping[str, Any], Sequence[str]]] = [
+            ("daemon", data.get("daemon", {}), _DAEMON_KEYS),
+            ("grants", data.get("grants", {}), _GRANT_KEYS),
+        ]
+        for name, body in data.get("profiles", {}).items():
+            t = f"profiles.{name}"
+            if not isinstance(body, dict):
+                raise _place(src, "profiles", name).error("expected a table")
+            if not PROFILE_NAME.match(name):
+                raise _place(src, t, None).error(
+                    f"profile name {name!r} must match {PROFILE_NAME.pattern} "
+                    "(it becomes part of chain and set names)"
+                )
+            if name not in profiles:
+                profiles.append(name)
+            sections.append((t, body, _PROFILE_KEYS))
+        for t, body, allowed in sections:
+            _check_keys(src, t, body, allowed)
+            if t in data or t.startswith("profiles."):
+                headers.setdefault(t, _place(src, t, None))
+            mine = tables.setdefault(t, {})
+            for key, value in body.items():
+                mine[key] = Setting(value, src.path, _locate(src.text, t, key), f"{t}.{key}")
+    return Document(
+        path=texts[0].path,
+        files=tuple(s.path for s in texts),
+        tables=tables,
+        headers=headers,
+        profiles=tuple(profiles),
+        base_dir=base_dir,
+        drop_ins=drop_ins,
+    )
 
 
-def _positive(ctx: _Ctx, table: str, key: str, value: float, minimum: float = 1) -> None:
-    if value < minimum:
-        raise ctx.error(table, key, f"must be at least {minimum}, got {value}")
+# --- what the sources module found ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Facts:
+    """Everything outside the configuration text that ``build`` needs, gathered by the
+    sources module for one Document (``wanted`` says what): file contents, the user
+    database, subordinate uid ranges, the presets and drop-in files there are."""
+
+    files: Mapping[str, str] = field(default_factory=dict)  # path -> text
+    unreadable: Mapping[str, str] = field(default_factory=dict)  # path -> why
+    uids: Mapping[str, int] = field(default_factory=dict)  # user name -> uid (known ones)
+    names: Mapping[int, str] = field(default_factory=dict)  # uid -> passwd name
+    # A user's subordinate uid ranges from NSS (getsubids) as (start, count) pairs, and
+    # the users whose ranges could not be read (why).
+    nss_subuids: Mapping[str, Sequence[tuple[int, int]]] = field(default_factory=dict)
+    nss_errors: Mapping[str, str] = field(default_factory=dict)
+    # subuid(5): its text is in `files`, a read error in `unreadable`; neither: no file.
+    subuid_file: str = "/etc/subuid"
+    resolv_conf: str = "/etc/resolv.conf"
+    # Preset name -> its file in the presets dir; None: the dir could not be listed
+    # (why: unreadable[presets_dir]).
+    presets: Mapping[str, str] | None = None
+    # allowlist.d/*.list (every profile) and allowlist.d/PROFILE/*.list, sorted.
+    allowlist_d: tuple[str, ...] = ()
+    profile_allowlist_d: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def read(self, path: str) -> str:
+        """A file's text; ValueError (why) when it could not be read."""
+        if path in self.files:
+            return self.files[path]
+        raise ValueError(self.unreadable.get(path, "not read"))
+
+
+@dataclass(frozen=True, slots=True)
+class Wanted:
+    """What ``build`` will look up for a Document: the sources module gathers these."""
+
+    allowlists: tuple[str, ...]  # files named by `allowlists` keys
+    users: tuple[int | str, ...]  # as configured (see user_key), names and uids
+    presets_dir: str | None  # set when a profile names a preset
+    presets: tuple[str, ...]  # the names
+    profiles: tuple[str, ...]  # for allowlist.d/PROFILE/
+    resolv_conf: bool  # no upstreams configured
+
+
+def _list_of(s: Setting | None) -> list[Any]:
+    return list(s.value) if s is not None and isinstance(s.value, list) else []
+
+
+def allowlist_path(doc: Document, item: str) -> str:
+    return item if posixpath.isabs(item) else posixpath.join(doc.base_dir, item)
+
+
+def presets_dir(doc: Document) -> str:
+    s = doc.table("daemon").get("presets_dir")
+    return s.value if s is not None and isinstance(s.value, str) else DEFAULT_PRESETS_DIR
+
+
+def wanted(doc: Document) -> Wanted:
+    files: list[str] = []
+    users: list[int | str] = []
+    presets: list[str] = []
+    for name in doc.profiles:
+        t = doc.table(f"profiles.{name}")
+        for item in _list_of(t.get("allowlists")):
+            if isinstance(item, str) and allowlist_path(doc, item) not in files:
+                files.append(allowlist_path(doc, item))
+        for item in _list_of(t.get("users")):
+            ok = isinstance(item, int | str) and not isinstance(item, bool)
+            if ok and user_key(item) not in users:
+                users.append(user_key(item))
+        for item in _list_of(t.get("presets")):
+            if isinstance(item, str) and item not in presets:
+                presets.append(item)
+    return Wanted(
+        allowlists=tuple(files),
+        users=tuple(users),
+        presets_dir=presets_dir(doc) if presets else None,
+        presets=tuple(presets),
+        profiles=doc.profiles,
+        resolv_conf=not _list_of(doc.table("daemon").get("upstreams")),
+    )
+
+
+# --- values ---------------------------------------------------------------------------------
 
 
 def parse_upstream(text: str) -> Upstream:
@@ -308,33 +466,38 @@ def _check_not_self(upstreams: Sequence[Upstream], ports: set[int]) -> None:
             raise ValueError(f"upstream {u} is egressd's own listener; egressd would query itself")
 
 
-def _users(ctx: _Ctx, table: str, value: Any, sources: Sources) -> tuple[int, ...]:
-    if not isinstance(value, list) or not value:
-        raise ctx.error(table, "users", "expected a non-empty list of user names or uids")
+def user_key(item: int | str) -> int | str:
+    """A configured user as the user database sees it: "1005" is uid 1005, not a name."""
+    if isinstance(item, str) and item.isascii() and item.isdigit():
+        return int(item)
+    return item
+
+
+def resolve_user(item: int | str, uids: Mapping[str, int]) -> int | None:
+    """A uid from a name or number. Numeric uids need not exist in the user database."""
+    key = user_key(item)
+    if isinstance(key, int):
+        return key if 0 <= key < 2**32 - 1 else None
+    return uids.get(key)
+
+
+def _users(s: Setting, facts: Facts) -> tuple[int, ...]:
+    # An empty list is valid: the profile restricts nobody (yet); the restricted user is
+    # chosen in a conf.d drop-in. `egressd run` refuses a config that restricts nobody.
+    if not isinstance(s.value, list):
+        raise s.error("expected a list of user names or uids")
     uids: list[int] = []
-    for item in value:
+    for item in s.value:
         if isinstance(item, bool) or not isinstance(item, (int, str)):
-            raise ctx.error(table, "users", f"{item!r} is neither a user name nor a uid")
-        uid = resolve_user(item, sources)
+            raise s.error(f"{item!r} is neither a user name nor a uid")
+        uid = resolve_user(item, facts.uids)
         if uid is None:
-            raise ctx.error(table, "users", f"unknown user {item!r}")
+            raise s.error(f"unknown user {item!r}")
         if uid == 0:
-            raise ctx.error(table, "users", "refusing to restrict root (uid 0)")
+            raise s.error("refusing to restrict root (uid 0)")
         if uid not in uids:
             uids.append(uid)
     return tuple(uids)
-
-
-def resolve_user(item: int | str, sources: Sources) -> int | None:
-    """A uid from a name or number. Numeric uids need not exist in the user database."""
-    if isinstance(item, str) and item.isascii() and item.isdigit():
-        item = int(item)
-    if isinstance(item, int):
-        return item if 0 <= item < 2**32 - 1 else None
-    try:
-        return sources.lookup_user(item)
-    except KeyError:
-        return None
 
 
 # --- subordinate uids ------------------------------------------------------------------------
@@ -404,18 +567,17 @@ def merge_ranges(ranges: Sequence[UidRange]) -> tuple[UidRange, ...]:
     return tuple(out)
 
 
-def read_subuid_file(sources: Sources) -> tuple[SubidLine, ...]:
-    try:
-        text = sources.read_text(sources.subuid_file)
-    except FileNotFoundError:
+def read_subuid_file(facts: Facts) -> tuple[SubidLine, ...]:
+    path = facts.subuid_file
+    if path in facts.unreadable:
+        raise ConfigError(f"cannot read: {facts.unreadable[path]}", file=path)
+    if path not in facts.files:
         return ()  # no file: nobody has a subordinate range (newuidmap refuses all)
-    except OSError as err:
-        raise ConfigError(f"cannot read: {err.strerror}", file=sources.subuid_file) from None
-    return parse_subid_file(text, sources.subuid_file)
+    return parse_subid_file(facts.files[path], path)
 
 
 def subordinate_ranges(
-    user: int | str, uid: int, lines: Sequence[SubidLine], sources: Sources
+    user: int | str, uid: int, lines: Sequence[SubidLine], facts: Facts
 ) -> tuple[UidRange, ...]:
     """Every subordinate uid range of one user: /etc/subuid and NSS (getsubids), merged.
 
@@ -424,9 +586,10 @@ def subordinate_ranges(
     passwd entry still gets its numeric lines: a superset is the safe side.
     """
     names: list[str] = []
-    if isinstance(user, str) and not (user.isascii() and user.isdigit()):
-        names.append(user)
-    passwd_name = sources.lookup_name(uid)
+    key = user_key(user)
+    if isinstance(key, str):
+        names.append(key)
+    passwd_name = facts.names.get(uid)
     if passwd_name is not None and passwd_name not in names:
         names.append(passwd_name)
     found: list[UidRange] = []
@@ -439,12 +602,14 @@ def subordinate_ranges(
                 f"subordinate range {entry.first}-{entry.last} of {entry.owner} contains root "
                 f"(uid 0); egressd never restricts root: remove it "
                 f"(usermod --del-subuids {entry.first}-{entry.last} {entry.owner})",
-                file=sources.subuid_file,
+                file=facts.subuid_file,
                 line=entry.line,
             )
         found.append((entry.first, entry.last))
     for name in names:
-        for start, count in sources.nss_subuids(name):
+        if name in facts.nss_errors:
+            raise ConfigError(facts.nss_errors[name])
+        for start, count in facts.nss_subuids.get(name, ()):
             if count <= 0:
                 continue
             last = start + count - 1
@@ -460,18 +625,18 @@ def subordinate_ranges(
 def _user_ranges(
     users: Sequence[int | str],
     lines: Sequence[SubidLine],
-    sources: Sources,
+    facts: Facts,
     error: Callable[[str], ConfigError],
 ) -> tuple[UidRange, ...]:
     """The merged subordinate ranges of a profile's users. ``error`` places a problem that
     has no file line of its own (what getsubids reported) at the users key."""
     found: list[UidRange] = []
     for item in users:
-        uid = resolve_user(item, sources)
+        uid = resolve_user(item, facts.uids)
         if uid is None:
             continue  # _users has refused it already
         try:
-            found.extend(subordinate_ranges(item, uid, lines, sources))
+            found.extend(subordinate_ranges(item, uid, lines, facts))
         except ConfigError as err:
             if err.file is not None:
                 raise
@@ -511,7 +676,7 @@ def _range_clash(
     return ""
 
 
-# --- the parser ------------------------------------------------------------------------------
+# --- the schema ------------------------------------------------------------------------------
 
 _DAEMON_KEYS = (
     "upstreams",
@@ -529,10 +694,12 @@ _DAEMON_KEYS = (
     "ct_mark_clash",
     "control",
     "metrics",
+    "presets_dir",
 )
 _GRANT_KEYS = ("floor", "ceiling", "grace", "maxelem")
 _PROFILE_KEYS = (
     "users",
+    "presets",
     "allowlists",
     "allow",
     "port",
@@ -548,89 +715,120 @@ _PROFILE_KEYS = (
 )
 
 
-def parse(text: str, path: str, sources: Sources | None = None) -> Config:
-    """Parse and validate a configuration file's text."""
-    sources = sources or Sources()
-    ctx = _Ctx(path, text)
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        m = re.search(r"line (\d+)", str(err))
+def _typed(table: Mapping[str, Setting], key: str, kind: type, default: Any) -> Any:
+    s = table.get(key)
+    if s is None:
+        return default
+    value = s.value
+    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise s.error(f"expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _positive(s: Setting, value: float, minimum: float = 1) -> None:
+    if value < minimum:
+        raise s.error(f"must be at least {minimum}, got {value}")
+
+
+def build(doc: Document, facts: Facts) -> Config:
+    """Validate a merged Document against what the sources module found: the one way a
+    Config is made, from the TOML files and from the command line alike."""
+    if not doc.profiles:
         raise ConfigError(
-            f"not valid TOML: {err}", file=path, line=int(m.group(1)) if m else None
-        ) from None
-    _check_keys(ctx, "", data, ("daemon", "grants", "profiles"))
-    for table in ("daemon", "grants", "profiles"):
-        if table in data and not isinstance(data[table], dict):
-            raise ctx.error("", table, "expected a table")
-
-    grants = _grants(ctx, data.get("grants", {}))
-    mask = _ct_mask(ctx, data.get("daemon", {}))
-    profiles = _profiles(ctx, data.get("profiles", {}), sources, mark_ids(mask))
-    daemon = _daemon(ctx, data.get("daemon", {}), sources, {p.port for p in profiles})
-    return Config(path=path, daemon=daemon, grants=grants, profiles=profiles)
+            "no profile defined; add a [profiles.NAME] table", file=doc.path, key="profiles"
+        )
+    _presets_dir(doc)  # before the profiles use it
+    grants = _grants(doc)
+    mask = _ct_mask(doc)
+    profiles = _profiles(doc, facts, mark_ids(mask))
+    daemon = _daemon(doc, facts, {p.port for p in profiles})
+    return Config(path=doc.path, daemon=daemon, grants=grants, profiles=profiles, files=doc.files)
 
 
-def _daemon(ctx: _Ctx, d: dict[str, Any], sources: Sources, ports: set[int]) -> DaemonSettings:
-    t = "daemon"
-    _check_keys(ctx, t, d, _DAEMON_KEYS)
+def restricts_nobody(config: Config) -> bool:
+    """No profile names a user: valid to check, but not a state egressd runs in."""
+    return not any(p.uids for p in config.profiles)
+
+
+def _daemon(doc: Document, facts: Facts, ports: set[int]) -> DaemonSettings:
+    d = doc.table("daemon")
     base = DaemonSettings()
-    raw_up = _typed(ctx, t, d, "upstreams", list, [])
+    raw_up = _typed(d, "upstreams", list, [])
     try:
         ups = [parse_upstream(str(u)) for u in raw_up]
     except ValueError as err:
-        raise ctx.error(t, "upstreams", str(err)) from None
+        raise doc.at("daemon", "upstreams").error(str(err)) from None
     source_key = "upstreams"
     if not ups:
-        source_key = sources.resolv_conf
+        source_key = facts.resolv_conf
         try:
-            ups = resolv_conf_upstreams(sources.read_text(sources.resolv_conf))
-        except OSError as err:
-            raise ctx.error(t, "upstreams", f"empty, and {sources.resolv_conf}: {err}") from None
+            ups = resolv_conf_upstreams(facts.read(facts.resolv_conf))
+        except ValueError as err:
+            raise doc.at("daemon", "upstreams").error(
+                f"empty, and {facts.resolv_conf}: {err}"
+            ) from None
         if not ups:
-            raise ctx.error(t, "upstreams", f"empty, and {sources.resolv_conf} lists no nameserver")
+            raise doc.at("daemon", "upstreams").error(
+                f"empty, and {facts.resolv_conf} lists no nameserver"
+            )
     try:
         _check_not_self(ups, ports)
     except ValueError as err:
-        raise ctx.error(t, "upstreams", f"{err} (from {source_key})") from None
-    rcode = _typed(ctx, t, d, "blocked_rcode", str, base.blocked_rcode).lower()
+        raise doc.at("daemon", "upstreams").error(f"{err} (from {source_key})") from None
+    rcode = _typed(d, "blocked_rcode", str, base.blocked_rcode).lower()
     if rcode not in ("nxdomain", "refused"):
-        raise ctx.error(t, "blocked_rcode", f"must be 'nxdomain' or 'refused', got {rcode!r}")
+        raise doc.at("daemon", "blocked_rcode").error(
+            f"must be 'nxdomain' or 'refused', got {rcode!r}"
+        )
     out = DaemonSettings(
         upstreams=tuple(ups),
-        upstream_timeout=_typed(ctx, t, d, "upstream_timeout", float, base.upstream_timeout),
-        upstream_tries=_typed(ctx, t, d, "upstream_tries", int, base.upstream_tries),
+        upstream_timeout=_typed(d, "upstream_timeout", float, base.upstream_timeout),
+        upstream_tries=_typed(d, "upstream_tries", int, base.upstream_tries),
         blocked_rcode=rcode,
-        max_inflight=_typed(ctx, t, d, "max_inflight", int, base.max_inflight),
-        cache_entries=_typed(ctx, t, d, "cache_entries", int, base.cache_entries),
-        tcp_idle_timeout=_typed(ctx, t, d, "tcp_idle_timeout", float, base.tcp_idle_timeout),
-        tcp_max_connections=_typed(ctx, t, d, "tcp_max_connections", int, base.tcp_max_connections),
-        log_rejects=_typed(ctx, t, d, "log_rejects", bool, base.log_rejects),
-        verify_interval=_typed(ctx, t, d, "verify_interval", float, base.verify_interval),
-        rebind_rcode=_rebind_rcode(ctx, d),
-        ct_mask=_ct_mask(ctx, d),
-        ct_mark_clash=_typed(ctx, t, d, "ct_mark_clash", str, base.ct_mark_clash),
-        control=_typed(ctx, t, d, "control", str, base.control),
-        metrics=_typed(ctx, t, d, "metrics", str, base.metrics),
+        max_inflight=_typed(d, "max_inflight", int, base.max_inflight),
+        cache_entries=_typed(d, "cache_entries", int, base.cache_entries),
+        tcp_idle_timeout=_typed(d, "tcp_idle_timeout", float, base.tcp_idle_timeout),
+        tcp_max_connections=_typed(d, "tcp_max_connections", int, base.tcp_max_connections),
+        log_rejects=_typed(d, "log_rejects", bool, base.log_rejects),
+        verify_interval=_typed(d, "verify_interval", float, base.verify_interval),
+        rebind_rcode=_rebind_rcode(doc),
+        ct_mask=_ct_mask(doc),
+        ct_mark_clash=_typed(d, "ct_mark_clash", str, base.ct_mark_clash),
+        control=_typed(d, "control", str, base.control),
+        metrics=_typed(d, "metrics", str, base.metrics),
+        presets_dir=_presets_dir(doc),
     )
-    if not os.path.isabs(out.control):
-        raise ctx.error(t, "control", f"must be an absolute path, got {out.control!r}")
+    if not posixpath.isabs(out.control):
+        raise doc.at("daemon", "control").error(f"must be an absolute path, got {out.control!r}")
     if out.metrics:
         problem = check_metrics_address(out.metrics)
         if problem:
-            raise ctx.error(t, "metrics", problem)
+            raise doc.at("daemon", "metrics").error(problem)
     if out.ct_mark_clash not in ("refuse", "warn"):
-        raise ctx.error(
-            t, "ct_mark_clash", f"must be 'refuse' or 'warn', got {out.ct_mark_clash!r}"
+        raise doc.at("daemon", "ct_mark_clash").error(
+            f"must be 'refuse' or 'warn', got {out.ct_mark_clash!r}"
         )
-    _positive(ctx, t, "upstream_timeout", out.upstream_timeout, 0.05)
-    _positive(ctx, t, "upstream_tries", out.upstream_tries)
-    _positive(ctx, t, "max_inflight", out.max_inflight)
-    _positive(ctx, t, "cache_entries", out.cache_entries, 0)
-    _positive(ctx, t, "tcp_idle_timeout", out.tcp_idle_timeout, 0.1)
-    _positive(ctx, t, "tcp_max_connections", out.tcp_max_connections)
-    _positive(ctx, t, "verify_interval", out.verify_interval, 0)
+    for key, minimum in (
+        ("upstream_timeout", 0.05),
+        ("upstream_tries", 1),
+        ("max_inflight", 1),
+        ("cache_entries", 0),
+        ("tcp_idle_timeout", 0.1),
+        ("tcp_max_connections", 1),
+        ("verify_interval", 0),
+    ):
+        _positive(doc.at("daemon", key), getattr(out, key), minimum)
     return out
+
+
+def _presets_dir(doc: Document) -> str:
+    path = _typed(doc.table("daemon"), "presets_dir", str, DEFAULT_PRESETS_DIR)
+    if not posixpath.isabs(path):
+        raise doc.at("daemon", "presets_dir").error(f"must be an absolute path, got {path!r}")
+    return str(path)
 
 
 def check_metrics_address(text: str) -> str:
@@ -666,13 +864,11 @@ def check_ct_mask(mask: int) -> str:
     return ""
 
 
-def _ct_mask(ctx: _Ctx, d: Any) -> int:
-    if not isinstance(d, dict):
-        return DEFAULT_CT_MASK  # parse() reports the non-table
-    mask = _typed(ctx, "daemon", d, "ct_mask", int, DEFAULT_CT_MASK)
+def _ct_mask(doc: Document) -> int:
+    mask = _typed(doc.table("daemon"), "ct_mask", int, DEFAULT_CT_MASK)
     problem = check_ct_mask(mask)
     if problem:
-        raise ctx.error("daemon", "ct_mask", problem)
+        raise doc.at("daemon", "ct_mask").error(problem)
     return int(mask)
 
 
@@ -681,12 +877,11 @@ def default_mark_id(name: str, ids: int) -> int:
     return zlib.crc32(name.encode()) % ids + 1
 
 
-def _grants(ctx: _Ctx, d: dict[str, Any]) -> GrantSettings:
-    t = "grants"
-    _check_keys(ctx, t, d, _GRANT_KEYS)
+def _grants(doc: Document) -> GrantSettings:
+    d = doc.table("grants")
     base = GrantSettings()
-    g = GrantSettings(**{k: _typed(ctx, t, d, k, int, getattr(base, k)) for k in _GRANT_KEYS})
-    check_grants(g, lambda key, msg: ctx.error(t, key, msg))
+    g = GrantSettings(**{k: _typed(d, k, int, getattr(base, k)) for k in _GRANT_KEYS})
+    check_grants(g, lambda key, msg: doc.at("grants", key).error(msg))
     return g
 
 
@@ -704,119 +899,96 @@ def check_grants(g: GrantSettings, error: Callable[[str, str], ConfigError]) -> 
         raise error("maxelem", f"must be between 128 and {2**24}, got {g.maxelem}")
 
 
-def _profiles(ctx: _Ctx, d: dict[str, Any], sources: Sources, ids: int) -> tuple[Profile, ...]:
-    if not d:
-        raise ctx.error("", "profiles", "no profile defined; add a [profiles.NAME] table")
+def _profiles(doc: Document, facts: Facts, ids: int) -> tuple[Profile, ...]:
     profiles: list[Profile] = []
     seen_ports: dict[int, str] = {}
     seen_uids: dict[int, str] = {}
     seen_ranges: list[tuple[UidRange, str]] = []
-    subid_lines = read_subuid_file(sources)  # once per load: a reload re-reads it
+    subid_lines = read_subuid_file(facts)  # once per load: a reload re-reads it
     seen_ids: dict[int, str] = {}
-    base_dir = os.path.dirname(os.path.abspath(ctx.path))
-    for name, body in d.items():
+    for name in doc.profiles:
         t = f"profiles.{name}"
-        if not isinstance(body, dict):
-            raise ctx.error("profiles", name, "expected a table")
-        if not PROFILE_NAME.match(name):
-            raise ctx.error(
-                t,
-                None,
-                f"profile name {name!r} must match {PROFILE_NAME.pattern} "
-                "(it becomes part of chain and set names)",
-            )
-        _check_keys(ctx, t, body, _PROFILE_KEYS)
+        body = doc.table(t)
         if "users" not in body:
-            raise ctx.error(t, "users", "missing: name the user(s) this profile restricts")
-        uids = _users(ctx, t, body["users"], sources)
+            raise doc.at(t, "users").error(
+                "missing: name the user(s) this profile restricts (users = [] for nobody yet)"
+            )
+        users = body["users"]
+        uids = _users(users, facts)
         for uid in uids:
             if uid in seen_uids:
-                raise ctx.error(t, "users", f"uid {uid} is already in profile {seen_uids[uid]}")
+                raise users.error(f"uid {uid} is already in profile {seen_uids[uid]}")
             seen_uids[uid] = name
-        uid_ranges = _user_ranges(
-            body["users"], subid_lines, sources, functools.partial(ctx.error, t, "users")
-        )
+        uid_ranges = _user_ranges(users.value, subid_lines, facts, users.error)
         clash = _range_clash(uids, uid_ranges, seen_uids, seen_ranges, name)
         if clash:
-            raise ctx.error(t, "users", clash)
+            raise users.error(clash)
         seen_ranges.extend((r, name) for r in uid_ranges)
-        port = _typed(ctx, t, body, "port", int, DEFAULT_PORT)
+        port = _typed(body, "port", int, DEFAULT_PORT)
         if not 0 < port < 65536:
-            raise ctx.error(t, "port", f"must be 1..65535, got {port}")
+            raise doc.at(t, "port").error(f"must be 1..65535, got {port}")
         if port == 53:
-            raise ctx.error(t, "port", "53 is the port the agent's DNS is redirected from")
+            raise doc.at(t, "port").error("53 is the port the agent's DNS is redirected from")
         if port in seen_ports:
-            raise ctx.error(t, "port", f"port {port} is already used by profile {seen_ports[port]}")
+            raise doc.at(t, "port").error(
+                f"port {port} is already used by profile {seen_ports[port]}"
+            )
         seen_ports[port] = name
 
-        rules: list[Rule] = []
-        files: list[str] = []
-        for item in _typed(ctx, t, body, "allowlists", list, []):
-            if not isinstance(item, str):
-                raise ctx.error(t, "allowlists", f"{item!r} is not a file name")
-            file = item if os.path.isabs(item) else os.path.join(base_dir, item)
+        presets, preset_rules = _presets(doc, t, facts)
+        files, file_rules = _allowlists(doc, name, facts)
+        rules = preset_rules + file_rules
+        for item in _typed(body, "allow", list, []):
+            s = body["allow"]
             try:
-                text = sources.read_text(file)
-            except OSError as err:
-                raise ctx.error(t, "allowlists", f"cannot read {file}: {err.strerror}") from None
-            rules.extend(parse_lines(text, file))
-            files.append(file)
-        for item in _typed(ctx, t, body, "allow", list, []):
-            try:
-                rules.append(
-                    parse_pattern(str(item), f"{ctx.path}:{_locate(ctx.text, t, 'allow')}")
-                )
+                rules.append(parse_pattern(str(item), s.where))
             except ConfigError as err:
-                raise ctx.error(t, "allow", err.detail) from None
+                raise s.error(err.detail) from None
 
-        ports = _typed(ctx, t, body, "ports", list, [])
+        ports = _typed(body, "ports", list, [])
         for p in ports:
             if isinstance(p, bool) or not isinstance(p, int) or not 0 < p < 65536:
-                raise ctx.error(t, "ports", f"{p!r} is not a port number")
+                raise doc.at(t, "ports").error(f"{p!r} is not a port number")
         cidrs: list[IPNetwork] = []
-        for c in _typed(ctx, t, body, "cidrs", list, []):
+        for c in _typed(body, "cidrs", list, []):
             try:
                 net = ipaddress.ip_network(str(c), strict=True)
             except ValueError as err:
-                raise ctx.error(t, "cidrs", str(err)) from None
+                raise doc.at(t, "cidrs").error(str(err)) from None
             if net.prefixlen == 0:
-                raise ctx.error(
-                    t,
-                    "cidrs",
+                raise doc.at(t, "cidrs").error(
                     f"{net} would let these users reach everything; "
                     "to stop restricting them, remove the profile",
                 )
             cidrs.append(net)
-        mark_id = _typed(ctx, t, body, "id", int, None)
+        mark_id = _typed(body, "id", int, None)
         if mark_id is None:
             mark_id = default_mark_id(name, ids)
         elif not 1 <= mark_id <= ids:
-            raise ctx.error(
-                t, "id", f"must be 1..{ids} (what daemon.ct_mask leaves), got {mark_id}"
+            raise doc.at(t, "id").error(
+                f"must be 1..{ids} (what daemon.ct_mask leaves), got {mark_id}"
             )
         if mark_id in seen_ids:
             free = min(set(range(1, ids + 1)) - set(seen_ids) - {mark_id})
-            raise ctx.error(
-                t,
-                "id",
+            raise doc.at(t, "id").error(
                 f"conntrack mark id {mark_id} is already profile {seen_ids[mark_id]}'s "
                 f"(derived from the names); set `id = {free}` in one of them",
             )
         seen_ids[mark_id] = name
-        conn_rate = _typed(ctx, t, body, "conn_rate", int, DEFAULT_CONN_RATE)
-        conn_burst = _typed(ctx, t, body, "conn_burst", int, DEFAULT_CONN_BURST)
-        conn_max = _typed(ctx, t, body, "conn_max", int, DEFAULT_CONN_MAX)
-        mode = _typed(ctx, t, body, "mode", str, "enforce")
+        conn_rate = _typed(body, "conn_rate", int, DEFAULT_CONN_RATE)
+        conn_burst = _typed(body, "conn_burst", int, DEFAULT_CONN_BURST)
+        conn_max = _typed(body, "conn_max", int, DEFAULT_CONN_MAX)
+        mode = _typed(body, "mode", str, "enforce")
         if mode not in MODES:
-            raise ctx.error(t, "mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
+            raise doc.at(t, "mode").error(f"must be one of {', '.join(MODES)}, got {mode!r}")
         for key, value in (
             ("conn_rate", conn_rate),
             ("conn_burst", conn_burst),
             ("conn_max", conn_max),
         ):
-            _positive(ctx, t, key, value)
+            _positive(doc.at(t, key), value)
             if value > 1_000_000:
-                raise ctx.error(t, key, f"must be at most 1000000, got {value}")
+                raise doc.at(t, key).error(f"must be at most 1000000, got {value}")
         profiles.append(
             Profile(
                 name=name,
@@ -826,10 +998,11 @@ def _profiles(ctx: _Ctx, d: dict[str, Any], sources: Sources, ids: int) -> tuple
                 rules=tuple(rules),
                 ports=tuple(sorted(set(ports))),
                 cidrs=tuple(cidrs),
-                allow_loopback=_typed(ctx, t, body, "allow_loopback", bool, False),
+                allow_loopback=_typed(body, "allow_loopback", bool, False),
                 allowlists=tuple(files),
-                private_names=_private_names(ctx, t, body),
-                private_cidrs=_private_cidrs(ctx, t, body),
+                presets=presets,
+                private_names=_private_names(doc, t),
+                private_cidrs=_private_cidrs(doc, t),
                 mark_id=mark_id,
                 conn_rate=conn_rate,
                 conn_burst=conn_burst,
@@ -840,14 +1013,78 @@ def _profiles(ctx: _Ctx, d: dict[str, Any], sources: Sources, ids: int) -> tuple
     return tuple(profiles)
 
 
+def _presets(doc: Document, t: str, facts: Facts) -> tuple[tuple[str, ...], list[Rule]]:
+    """The profile's presets (names) and their rules, from the presets dir."""
+    names = _typed(doc.table(t), "presets", list, [])
+    if not names:
+        return (), []
+    s = doc.table(t)["presets"]
+    where = presets_dir(doc)
+    if facts.presets is None:
+        why = facts.unreadable.get(where, "cannot be listed")
+        raise s.error(
+            f"the presets directory {where} cannot be read: {why} (set daemon.presets_dir)"
+        )
+    out: list[str] = []
+    rules: list[Rule] = []
+    for item in names:
+        if not isinstance(item, str):
+            raise s.error(f"{item!r} is not a preset name")
+        if item not in facts.presets:
+            known = ", ".join(sorted(facts.presets)) or "none"
+            raise s.error(f"unknown preset {item!r} (in {where}: {known})")
+        if item in out:
+            continue
+        file = facts.presets[item]
+        try:
+            rules.extend(parse_lines(facts.read(file), file))
+        except ValueError as err:
+            raise s.error(f"cannot read preset {file}: {err}") from None
+        out.append(item)
+    return tuple(out), rules
+
+
+def _allowlists(doc: Document, name: str, facts: Facts) -> tuple[list[str], list[Rule]]:
+    """The operator's allowlist files of a profile and their rules: the `allowlists` key,
+    then allowlist.d/*.list, then allowlist.d/PROFILE/*.list (a file named twice is read
+    once)."""
+    t = f"profiles.{name}"
+    files: list[str] = []
+    rules: list[Rule] = []
+    for item in _typed(doc.table(t), "allowlists", list, []):
+        s = doc.table(t)["allowlists"]
+        if not isinstance(item, str):
+            raise s.error(f"{item!r} is not a file name")
+        file = allowlist_path(doc, item)
+        if file in files:
+            continue
+        try:
+            text = facts.read(file)
+        except ValueError as err:
+            raise s.error(f"cannot read {file}: {err}") from None
+        rules.extend(parse_lines(text, file))
+        files.append(file)
+    if doc.drop_ins:
+        for file in (*facts.allowlist_d, *facts.profile_allowlist_d.get(name, ())):
+            if file in files:
+                continue
+            try:
+                text = facts.read(file)
+            except ValueError as err:
+                raise ConfigError(f"cannot read: {err}", file=file) from None
+            rules.extend(parse_lines(text, file))
+            files.append(file)
+    return files, rules
+
+
 REBIND_RCODES = ("noerror", "nxdomain", "refused", "servfail")
 
 
-def _rebind_rcode(ctx: _Ctx, d: dict[str, Any]) -> str:
-    rcode = str(_typed(ctx, "daemon", d, "rebind_rcode", str, "noerror")).lower()
+def _rebind_rcode(doc: Document) -> str:
+    rcode = str(_typed(doc.table("daemon"), "rebind_rcode", str, "noerror")).lower()
     if rcode not in REBIND_RCODES:
-        raise ctx.error(
-            "daemon", "rebind_rcode", f"must be one of {', '.join(REBIND_RCODES)}, got {rcode!r}"
+        raise doc.at("daemon", "rebind_rcode").error(
+            f"must be one of {', '.join(REBIND_RCODES)}, got {rcode!r}"
         )
     return rcode
 
@@ -869,62 +1106,52 @@ def parse_private_cidr(item: str) -> IPNetwork:
     return net
 
 
-def _private_items(ctx: _Ctx, t: str, body: dict[str, Any]) -> list[str]:
-    items = _typed(ctx, t, body, "private_answers", list, [])
+def _private_items(doc: Document, t: str) -> list[str]:
+    items = _typed(doc.table(t), "private_answers", list, [])
     for item in items:
         if not isinstance(item, str):
-            raise ctx.error(t, "private_answers", f"{item!r} is neither a CIDR nor a name pattern")
+            raise doc.at(t, "private_answers").error(
+                f"{item!r} is neither a CIDR nor a name pattern"
+            )
     return [item.strip() for item in items]
 
 
-def _private_cidrs(ctx: _Ctx, t: str, body: dict[str, Any]) -> tuple[IPNetwork, ...]:
+def _private_cidrs(doc: Document, t: str) -> tuple[IPNetwork, ...]:
     out: list[IPNetwork] = []
-    for item in _private_items(ctx, t, body):
+    for item in _private_items(doc, t):
         if _looks_like_cidr(item):
             try:
                 out.append(parse_private_cidr(item))
             except ValueError as err:
-                raise ctx.error(t, "private_answers", str(err)) from None
+                raise doc.at(t, "private_answers").error(str(err)) from None
     return tuple(out)
 
 
-def _private_names(ctx: _Ctx, t: str, body: dict[str, Any]) -> tuple[Rule, ...]:
+def _private_names(doc: Document, t: str) -> tuple[Rule, ...]:
     out: list[Rule] = []
-    source = f"{ctx.path}:{_locate(ctx.text, t, 'private_answers')}"
-    for item in _private_items(ctx, t, body):
+    s = doc.at(t, "private_answers")
+    for item in _private_items(doc, t):
         if _looks_like_cidr(item):
             continue
         try:
-            rule = parse_pattern(item, source)
+            rule = parse_pattern(item, s.where)
         except ConfigError as err:
-            raise ctx.error(t, "private_answers", err.detail) from None
+            raise s.error(err.detail) from None
         if rule.deny:
-            raise ctx.error(
-                t, "private_answers", f"{item!r}: a deny pattern means nothing here; remove it"
-            )
+            raise s.error(f"{item!r}: a deny pattern means nothing here; remove it")
         out.append(rule)
     return tuple(out)
 
 
-def _allow_private(items: Sequence[str], path: str) -> tuple[IPNetwork, ...]:
-    try:
-        return tuple(parse_private_cidr(item) for item in items)
-    except ValueError as err:
-        raise ConfigError(str(err), file=path, key="--allow-private") from None
+# --- the one-line form -------------------------------------------------------------------------
 
-
-def load(path: str, sources: Sources | None = None) -> Config:
-    sources = sources or Sources()
-    try:
-        text = sources.read_text(path)
-    except OSError as err:
-        raise ConfigError(f"cannot read: {err.strerror}", file=path) from None
-    return parse(text, path, sources)
+COMMAND_LINE = "<command line>"
+ONE_LINE_PROFILE = "default"
 
 
 @dataclass(frozen=True)
 class CommandLine:
-    """The one-line form: egressd run --user U --allowlist F [--allow P]..."""
+    """The one-line form: egressd run --user U --allowlist F [--preset NAME] [--allow P]..."""
 
     users: Sequence[str] = field(default_factory=list)
     allowlists: Sequence[str] = field(default_factory=list)
@@ -933,83 +1160,59 @@ class CommandLine:
     listen: str | None = None
     min_ttl: int | None = None
     allow_private: Sequence[str] = field(default_factory=list)  # CIDRs, for private test zones
+    presets: Sequence[str] = field(default_factory=list)
+    presets_dir: str | None = None
 
 
-def from_command_line(cl: CommandLine, sources: Sources | None = None) -> Config:
-    """Build a one-profile Config ("default") from command-line options."""
-    sources = sources or Sources()
-    path = "<command line>"
+def command_line(cl: CommandLine) -> Document:
+    """The options as the Document a config file with one profile ("default") would
+    give: ``build`` then checks them as it checks a file, errors naming the option."""
     if not cl.users:
-        raise ConfigError("--user is required without --config", file=path, key="--user")
-    uids: list[int] = []
-    for u in cl.users:
-        uid = resolve_user(u, sources)
-        if uid is None:
-            raise ConfigError(f"unknown user {u!r}", file=path, key="--user")
-        if uid == 0:
-            raise ConfigError("refusing to restrict root (uid 0)", file=path, key="--user")
-        if uid not in uids:
-            uids.append(uid)
-    uid_ranges = _user_ranges(
-        list(cl.users),
-        read_subuid_file(sources),
-        sources,
-        lambda msg: ConfigError(msg, file=path, key="--user"),
-    )
-    rules: list[Rule] = []
-    for file in cl.allowlists:
-        try:
-            text = sources.read_text(file)
-        except OSError as err:
-            raise ConfigError(
-                f"cannot read: {err.strerror}", file=file, key="--allowlist"
-            ) from None
-        rules.extend(parse_lines(text, file))
-    for pattern in cl.allow:
-        try:
-            rules.append(parse_pattern(pattern, "--allow"))
-        except ConfigError as err:
-            raise ConfigError(err.detail, file=path, key="--allow") from None
-    if not rules:
+        raise ConfigError("--user is required without --config", file=COMMAND_LINE, key="--user")
+    if not (cl.allowlists or cl.allow or cl.presets):
         raise ConfigError(
-            "no allowlist: give --allowlist FILE or --allow PATTERN", file=path, key="--allowlist"
+            "no allowlist: give --allowlist FILE, --preset NAME or --allow PATTERN",
+            file=COMMAND_LINE,
+            key="--allowlist",
         )
-    port = DEFAULT_PORT
+
+    def opt(value: Any, option: str) -> Setting:
+        return Setting(value, COMMAND_LINE, None, option)
+
+    profile = {
+        "users": opt(list(cl.users), "--user"),
+        "presets": opt(list(cl.presets), "--preset"),
+        "allowlists": opt(list(cl.allowlists), "--allowlist"),
+        "allow": opt(list(cl.allow), "--allow"),
+        "private_answers": opt(list(cl.allow_private), "--allow-private"),
+    }
     if cl.listen:
         try:
-            port = parse_listen(cl.listen)
+            profile["port"] = opt(parse_listen(cl.listen), "--listen")
         except ValueError as err:
-            raise ConfigError(str(err), file=path, key="--listen") from None
-    grants = GrantSettings()
+            raise ConfigError(str(err), file=COMMAND_LINE, key="--listen") from None
+    daemon: dict[str, Setting] = {}
+    if cl.upstreams:
+        daemon["upstreams"] = opt(list(cl.upstreams), "--upstream")
+    if cl.presets_dir is not None:
+        daemon["presets_dir"] = opt(cl.presets_dir, "--presets-dir")
+    grants: dict[str, Setting] = {}
     if cl.min_ttl is not None:
-        grants = GrantSettings(
-            floor=cl.min_ttl,
-            ceiling=max(grants.ceiling, cl.min_ttl),
-            grace=grants.grace,
-            maxelem=grants.maxelem,
-        )
-        check_grants(grants, lambda key, msg: ConfigError(msg, file=path, key="--min-ttl"))
-    try:
-        ups = [parse_upstream(u) for u in cl.upstreams]
-        if not ups:
-            ups = resolv_conf_upstreams(sources.read_text(sources.resolv_conf))
-        if not ups:
-            raise ValueError(f"no --upstream given and {sources.resolv_conf} lists no nameserver")
-        _check_not_self(ups, {port})
-    except (ValueError, OSError) as err:
-        raise ConfigError(str(err), file=path, key="--upstream") from None
-    profile = Profile(
-        name="default",
-        uids=tuple(uids),
-        uid_ranges=uid_ranges,
-        port=port,
-        rules=tuple(rules),
-        allowlists=tuple(cl.allowlists),
-        private_cidrs=_allow_private(cl.allow_private, path),
-        mark_id=default_mark_id("default", mark_ids(DEFAULT_CT_MASK)),
-    )
-    return Config(
-        path=path, daemon=DaemonSettings(upstreams=tuple(ups)), grants=grants, profiles=(profile,)
+        grants["floor"] = opt(cl.min_ttl, "--min-ttl")
+        grants["ceiling"] = opt(max(GrantSettings().ceiling, cl.min_ttl), "--min-ttl")
+    t = f"profiles.{ONE_LINE_PROFILE}"
+    return Document(
+        path=COMMAND_LINE,
+        files=(),
+        tables={"daemon": daemon, "grants": grants, t: profile},
+        # No line to point at: an error about a key the options did not set names the
+        # option that would set it.
+        headers={
+            "daemon": opt(None, "--upstream"),
+            "grants": opt(None, "--min-ttl"),
+            t: opt(None, "--user"),
+        },
+        profiles=(ONE_LINE_PROFILE,),
     )
 
 

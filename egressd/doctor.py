@@ -28,9 +28,10 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from .config import Config, Sources, load
+from .config import Config
 from .errors import ConfigError
 from .firewall.rules import FILTER_CHAIN
+from .sources import Sources, load
 
 LEAK = "leak"  # the agent can get data or connections past egressd
 WARNING = "warning"  # egressd's guarantees weaken (a window, a start failure, a condition)
@@ -198,6 +199,7 @@ def load_config(path: str, users: UserDb) -> Config:
         lookup_name=users.lookup_name,
         resolv_conf=host.path("/etc/resolv.conf"),
         subuid_file=host.path("/etc/subuid"),
+        host_path=host.path,
     )
     return load(path, sources)
 

@@ -3,7 +3,7 @@
 /etc/subuid is read by config itself; this adapter adds what an NSS subid module
 (``subid: sss`` in /etc/nsswitch.conf: sssd, LDAP) knows. Without such a module getsubids
 reads /etc/subuid too, which only repeats what config already has. config runs no
-programs, so cli injects ``getsubids`` into ``config.Sources``.
+programs, so cli injects ``getsubids`` into ``sources.Sources``.
 """
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from .. import control, explain
-from ..config import Sources, load
 from ..errors import ConfigError
 from ..policy import Policy
+from ..sources import Sources, load
 from . import (
     DEFAULT_CONFIG,
     EXIT_NO,

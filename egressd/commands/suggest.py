@@ -29,9 +29,10 @@ from typing import Any
 
 from .. import suggest as core
 from ..allowlist import Matcher
-from ..config import Config, Sources, load
+from ..config import Config
 from ..errors import ConfigError
 from ..events import QueryAudited, QueryBlocked
+from ..sources import Sources, load
 from ..subids import getsubids
 from . import DEFAULT_CONFIG, EXIT_NO, EXIT_OK, EXIT_USAGE, fail, print_json
 

@@ -17,8 +17,8 @@ from test_explain import CDN, FakeResolver
 
 from egressd import control, explain
 from egressd.commands import check
-from egressd.config import Sources, load
 from egressd.policy import Policy
+from egressd.sources import Sources, load
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

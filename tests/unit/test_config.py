@@ -7,6 +7,8 @@ import dataclasses
 import errno
 import ipaddress
 import os
+import re
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -14,23 +16,25 @@ import pytest
 
 from egressd.allowlist import Scope
 from egressd.config import (
+    _DAEMON_KEYS,
+    _GRANT_KEYS,
+    _PROFILE_KEYS,
     DEFAULT_PORT,
+    DEFAULT_PRESETS_DIR,
     CommandLine,
     Config,
     DaemonSettings,
     GrantSettings,
-    Sources,
     Upstream,
-    from_command_line,
-    load,
     merge_ranges,
-    parse,
     parse_listen,
     parse_subid_file,
     parse_upstream,
     resolv_conf_upstreams,
+    restricts_nobody,
 )
 from egressd.errors import ConfigError
+from egressd.sources import Sources, from_command_line, load, parse
 
 CONF = "/etc/egressd/egressd.toml"
 RESOLV = "/test/resolv.conf"
@@ -57,7 +61,17 @@ def sources(
     def lookup_user(name: str) -> int:
         return table[name]  # KeyError for unknown users, like pwd.getpwnam
 
-    return Sources(read_text=read_text, lookup_user=lookup_user, resolv_conf=RESOLV)
+    def list_dir(path: str) -> list[str]:
+        # a directory is there when a file below it is
+        prefix = path.rstrip("/") + "/"
+        names = {p[len(prefix) :].split("/")[0] for p in data if p.startswith(prefix)}
+        if not names:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+        return sorted(names)
+
+    return Sources(
+        read_text=read_text, lookup_user=lookup_user, resolv_conf=RESOLV, list_dir=list_dir
+    )
 
 
 def line_of(text: str, needle: str, nth: int = 1) -> int:
@@ -317,7 +331,6 @@ def test_root_is_refused(users: str) -> None:
 @pytest.mark.parametrize(
     "users",
     [
-        "[]",
         '"agent"',
         "[true]",
         "[1.5]",
@@ -791,31 +804,58 @@ def test_parse_listen_errors(text: str) -> None:
 # --- the shipped example ----------------------------------------------------------------------
 
 
-def test_shipped_example_config_parses() -> None:
-    path = REPO / "etc" / "egressd" / "egressd.toml"
-    assert path.is_file(), f"the example configuration {path} is missing"
+def shipped_sources(tmp: Path) -> Sources:
+    """The real files of a copy of etc/egressd, the checkout's presets/, fake users."""
     uids: dict[str, int] = {}
 
     def lookup_user(name: str) -> int:
         # every user name the example mentions exists, each with its own uid
         return uids.setdefault(name, 2000 + len(uids))
 
-    def read_text(p: str) -> str:
-        if p == RESOLV:
-            return "nameserver 192.0.2.53\n"
-        return Path(p).read_text(encoding="utf-8")
+    resolv = tmp / "resolv.conf"
+    resolv.write_text("nameserver 192.0.2.53\n")
+    presets = str(REPO / "presets")
+    return Sources(
+        lookup_user=lookup_user,
+        lookup_name=lambda uid: None,
+        resolv_conf=str(resolv),
+        subuid_file=str(tmp / "no-subuid"),
+        host_path=lambda p: presets if p == DEFAULT_PRESETS_DIR else p,
+    )
 
-    src = Sources(read_text=read_text, lookup_user=lookup_user, resolv_conf=RESOLV)
-    cfg = load(str(path), src)
-    assert cfg.profiles, "the example defines no profile"
-    for p in cfg.profiles:
-        assert p.uids and all(uid >= 2000 for uid in p.uids)
-        assert p.port != 53
-        for file in p.allowlists:
-            assert Path(file).is_file()
-            assert Path(file).parent.parent == path.parent  # allowlist.d/ beside the config
-    assert any(p.rules for p in cfg.profiles), "the example allows nothing"
+
+def test_shipped_example_config_parses(tmp_path: Path) -> None:
+    # As shipped (a conffile the installer never edits) it restricts nobody: valid, and
+    # `egressd run` refuses it until conf.d names the user.
+    etc = tmp_path / "egressd"
+    shutil.copytree(REPO / "etc" / "egressd", etc)
+    cfg = load(str(etc / "egressd.toml"), shipped_sources(tmp_path))
+    assert [p.name for p in cfg.profiles] == ["agent"]
+    (p,) = cfg.profiles
+    assert p.uids == () and restricts_nobody(cfg)
+    assert p.presets == ("python", "node", "github")
+    assert p.allowlists == (str(etc / "allowlist.d" / "local.list"),)
+    assert p.rules and all(r.source.startswith(str(REPO / "presets")) for r in p.rules)
+    assert cfg.daemon.presets_dir == DEFAULT_PRESETS_DIR
     assert cfg.daemon.upstreams
+
+    # what install writes
+    (etc / "conf.d").mkdir()
+    (etc / "conf.d" / "50-install.toml").write_text(
+        '[profiles.agent]\nusers = ["agent"]\n'
+        'presets = ["python", "node", "github", "claude-code"]\n'
+    )
+    cfg = load(str(etc / "egressd.toml"), shipped_sources(tmp_path))
+    (p,) = cfg.profiles
+    assert p.uids == (2000,) and not restricts_nobody(cfg)
+    assert p.presets == ("python", "node", "github", "claude-code")
+    assert cfg.files == (str(etc / "egressd.toml"), str(etc / "conf.d" / "50-install.toml"))
+
+
+def test_shipped_example_documents_every_key() -> None:
+    text = (REPO / "etc" / "egressd" / "egressd.toml").read_text()
+    for key in (*_DAEMON_KEYS, *_GRANT_KEYS, *_PROFILE_KEYS):
+        assert re.search(rf"^#? ?{key} = ", text, re.M), f"{key} is not shown in the example"
 
 
 def test_from_command_line_deduplicates_users() -> None:

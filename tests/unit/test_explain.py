@@ -14,9 +14,9 @@ import pytest
 
 from egressd import dnswire, explain
 from egressd.allowlist import Labels
-from egressd.config import Sources, load
 from egressd.errors import UpstreamError
 from egressd.policy import Policy, Verdict, decide
+from egressd.sources import Sources, load
 
 
 def write(tmp_path: Path, profiles: str, files: dict[str, str]) -> Path:

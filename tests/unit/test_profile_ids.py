@@ -11,10 +11,11 @@ import pytest
 from test_config import CONF, MINIMAL, TWO_PROFILES, parse_error, sources
 
 from egressd import config as cfgmod
-from egressd.config import DEFAULT_CT_MASK, default_mark_id, mark_ids, parse
+from egressd.config import DEFAULT_CT_MASK, default_mark_id, mark_ids
 from egressd.daemon import check_ports
 from egressd.errors import ConfigError
 from egressd.firewall import iptables_ipset
+from egressd.sources import from_command_line, parse
 
 
 def test_ids_are_derived_from_the_name_and_stable() -> None:
@@ -85,7 +86,7 @@ def test_conn_limits() -> None:
 
 def test_one_line_form_gets_a_stable_id() -> None:
     cl = cfgmod.CommandLine(users=["agent"], allow=["example.com"], upstreams=["192.0.2.1"])
-    p = cfgmod.from_command_line(cl, sources()).profiles[0]
+    p = from_command_line(cl, sources()).profiles[0]
     assert p.mark_id == default_mark_id("default", 255)
 
 

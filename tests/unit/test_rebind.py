@@ -15,9 +15,10 @@ import pytest
 
 from egressd import rebind
 from egressd.allowlist import labels_of, parse_pattern
-from egressd.config import CommandLine, Sources, from_command_line, parse
+from egressd.config import CommandLine
 from egressd.errors import ConfigError
 from egressd.rebind import Exceptions, classify, embedded_ipv4, screen
+from egressd.sources import Sources, from_command_line, parse
 
 GOLDEN = Path(__file__).parent / "golden" / "rebind-table.txt"
 UPDATE = os.environ.get("EGRESSD_UPDATE_GOLDEN") == "1"
