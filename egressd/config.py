@@ -504,7 +504,7 @@ def _users(s: Setting, facts: Facts) -> tuple[int, ...]:
 # A user with a subordinate range (useradd gives one: `agent:100000:65536` in /etc/subuid)
 # can run processes as those uids through a user namespace (`unshare --map-auto`, with the
 # setuid newuidmap of package uidmap). Their sockets belong to those uids, not to the
-# user's, so the owner match must cover the ranges too (DESIGN §2 invariant 4).
+# user's, so the owner match must cover the ranges too (docs/architecture.md, invariant 4).
 
 UidRange = tuple[int, int]  # inclusive first, last
 MAX_UID = 2**32 - 2  # (uid_t)-1 is "no uid"

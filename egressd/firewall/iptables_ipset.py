@@ -2,10 +2,10 @@
 
 Rules go through the system's iptables-restore / ip6tables-restore, which drive whichever
 backend the host uses (nft on Debian 12) and apply a whole table atomically; python-iptables
-would only drive legacy xtables (see DESIGN §3). Sets go through netlink with pyroute2's
-AsyncIPSet inside the event loop, never through an ``ipset`` subprocess on the hot path;
-the hot path's entry ADD/DEL messages are built by hand (ipsetmsg) and go over a socket of
-their own (see IptablesIpset._adt).
+would only drive legacy xtables (see docs/architecture.md, Decisions). Sets go through
+netlink with pyroute2's AsyncIPSet inside the event loop, never through an ``ipset``
+subprocess on the hot path; the hot path's entry ADD/DEL messages are built by hand
+(ipsetmsg) and go over a socket of their own (see IptablesIpset._adt).
 """
 
 from __future__ import annotations
