@@ -1,9 +1,13 @@
 """A Debian root file system booted under a real systemd, for test_systemd.py.
 
-build(): debootstrap a minbase bookworm root, copy this checkout into /opt/egressd-src and
-run the README's set-up (packaging/install.sh --user agent --create-user --no-start) in it
-with chroot. This is the only step that uses the network (Debian's mirror, PyPI); it
-starts no egressd and touches no firewall (--no-start; no service is started in a chroot).
+build(): build egressd's .deb on this machine (packaging/build-deb: the Debian tooling, and
+PyPI for the vendored libraries), debootstrap a minbase bookworm root, and run the README's
+set-up in it with chroot: packaging/install.sh --deb FILE --user agent --create-user
+--no-start, which installs the package with apt-get (its dependencies from Debian's
+mirror) and names the user in /etc/egressd/conf.d/50-install.toml. These are the only steps
+that use the network; they start no egressd and touch no firewall (--no-start; no service
+is started in a chroot). Only install.sh and the .deb are copied into the root, not the
+checkout: what runs there is what the package installed.
 
 Container: systemd-nspawn --boot of that root, joined to a lab network namespace, so the
 container's systemd (PID 1 of its own PID namespace) starts the enabled egressd.service,
@@ -54,24 +58,13 @@ INCLUDE = (
     "iproute2",
     "util-linux",
 )
-SRC_IN_ROOT = "/opt/egressd-src"
+INSTALL_DIR = "/root/egressd-install"  # install.sh and the .deb, in the root
 AGENT_USER = "agent"
 ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 NSPAWN_RUN = Path("/run/systemd/nspawn")  # nspawn's lock/propagation dir on the host side
 BUILD_TIMEOUT = 900.0
 # Environment passed through to the build (a proxy the host needs to reach the mirror).
 PASS_ENV = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
-COPY_IGNORE = shutil.ignore_patterns(
-    ".git",
-    ".venv",
-    "venv",
-    "__pycache__",
-    "*_cache",
-    ".pytest_cache",
-    "*.egg-info",
-    "build",
-    "dist",
-)
 
 
 class RootfsError(RuntimeError):
@@ -194,11 +187,37 @@ def _host_resolv_conf() -> str:
         return ""
 
 
+def build_deb(out: Path, log: Path, *, version_suffix: str = "") -> Path:
+    """packaging/build-deb into `out` (on this machine: no service, no firewall); the .deb."""
+    argv = [str(REPO_ROOT / "packaging/build-deb"), "--out", str(out)]
+    if version_suffix:
+        argv += ["--version-suffix", version_suffix]
+    env = {k: v for k, v in os.environ.items() if k in PASS_ENV or k.startswith("PIP_")}
+    env.update(PATH=ROOT_PATH, LANG="C.UTF-8", HOME=os.environ.get("HOME", "/root"))
+    _run_logged(argv, log, timeout=BUILD_TIMEOUT, what="packaging/build-deb", env=env)
+    debs = sorted(out.glob("egressd_*_all.deb"), key=lambda p: p.stat().st_mtime)
+    if not debs:
+        raise RootfsError(f"packaging/build-deb wrote no .deb into {out}; log {log}")
+    return debs[-1]
+
+
+def copy_deb(root: Path, deb: Path) -> str:
+    """Put `deb` into the root; its path there."""
+    inside = root / INSTALL_DIR.lstrip("/")
+    inside.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(deb, inside / deb.name)
+    return f"{INSTALL_DIR}/{deb.name}"
+
+
 def build(root: Path, log: Path) -> dict[str, float]:
     """Build the root (see the module docstring). Returns seconds per step."""
     times: dict[str, float] = {}
     t0 = time.monotonic()
     q = shlex.quote
+    deb = build_deb(root.parent / "debs", log)
+    times["build-deb"] = time.monotonic() - t0
+
+    t0 = time.monotonic()
     debootstrap = [
         "debootstrap",
         "--variant=minbase",
@@ -222,27 +241,21 @@ def build(root: Path, log: Path) -> dict[str, float]:
     times["debootstrap"] = time.monotonic() - t0
 
     t1 = time.monotonic()
-    shutil.copytree(REPO_ROOT, root / SRC_IN_ROOT.lstrip("/"), ignore=COPY_IGNORE, symlinks=True)
+    deb_inside = copy_deb(root, deb)
+    shutil.copy2(REPO_ROOT / "packaging/install.sh", root / INSTALL_DIR.lstrip("/") / "install.sh")
     etc = root / "etc"
     (etc / "resolv.conf").unlink(missing_ok=True)  # may be a dangling symlink
     (etc / "resolv.conf").write_text(_host_resolv_conf(), encoding="utf-8")
-    # Trust what the host trusts (e.g. the CA of a TLS-inspecting proxy in front of PyPI).
-    cas = root / "usr/local/share/ca-certificates"
-    cas.mkdir(parents=True, exist_ok=True)
-    for crt in Path("/usr/local/share/ca-certificates").glob("**/*.crt"):
-        shutil.copy2(crt, cas / f"host-{crt.name}")
     env = [
         f"PATH={ROOT_PATH}",
         "LANG=C.UTF-8",
         "HOME=/root",
         "DEBIAN_FRONTEND=noninteractive",
-        "PIP_CERT=/etc/ssl/certs/ca-certificates.crt",
-        "PIP_DISABLE_PIP_VERSION_CHECK=1",
         *(f"{k}={os.environ[k]}" for k in PASS_ENV if k in os.environ),
     ]
     inside = (
-        f"update-ca-certificates >/dev/null && "
-        f"{SRC_IN_ROOT}/packaging/install.sh --user {AGENT_USER} --create-user --no-start"
+        f"{INSTALL_DIR}/install.sh --deb {q(deb_inside)} --user {AGENT_USER} "
+        f"--create-user --no-start"
     )
     script = f"""
         mount --rbind /dev {q(str(root / "dev"))}
@@ -260,8 +273,7 @@ def build(root: Path, log: Path) -> dict[str, float]:
         )
     except RootfsError as err:
         raise RootfsError(
-            f"the README's install step failed in a fresh Debian root (needs "
-            f"{MIRROR} and PyPI)\n{err}"
+            f"the README's install step failed in a fresh Debian root (needs {MIRROR})\n{err}"
         ) from None
     times["install.sh"] = time.monotonic() - t1
     return times
