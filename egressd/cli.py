@@ -98,8 +98,9 @@ def _parser() -> argparse.ArgumentParser:
         "--allow-private",
         action="append",
         default=[],
-        metavar="CIDR",
-        help="answers may carry addresses of this private network, e.g. a test zone's "
+        metavar="CIDR|PATTERN",
+        help="answers may carry addresses of this private network (or, for a name pattern, "
+        "answers for those names may carry private addresses), as private_answers does "
         "(repeatable; the rebinding guard drops private addresses otherwise)",
     )
     run.add_argument(

@@ -385,11 +385,6 @@ def allowlist_path(doc: Document, item: str) -> str:
     return item if posixpath.isabs(item) else posixpath.join(doc.base_dir, item)
 
 
-def presets_dir(doc: Document) -> str:
-    s = doc.table("daemon").get("presets_dir")
-    return s.value if s is not None and isinstance(s.value, str) else DEFAULT_PRESETS_DIR
-
-
 def wanted(doc: Document) -> Wanted:
     files: list[str] = []
     users: list[int | str] = []
@@ -740,7 +735,7 @@ def build(doc: Document, facts: Facts) -> Config:
         raise ConfigError(
             "no profile defined; add a [profiles.NAME] table", file=doc.path, key="profiles"
         )
-    _presets_dir(doc)  # before the profiles use it
+    presets_dir(doc)  # before the profiles use it
     grants = _grants(doc)
     mask = _ct_mask(doc)
     profiles = _profiles(doc, facts, mark_ids(mask))
@@ -799,7 +794,7 @@ def _daemon(doc: Document, facts: Facts, ports: set[int]) -> DaemonSettings:
         ct_mark_clash=_typed(d, "ct_mark_clash", str, base.ct_mark_clash),
         control=_typed(d, "control", str, base.control),
         metrics=_typed(d, "metrics", str, base.metrics),
-        presets_dir=_presets_dir(doc),
+        presets_dir=presets_dir(doc),
     )
     if not posixpath.isabs(out.control):
         raise doc.at("daemon", "control").error(f"must be an absolute path, got {out.control!r}")
@@ -824,7 +819,8 @@ def _daemon(doc: Document, facts: Facts, ports: set[int]) -> DaemonSettings:
     return out
 
 
-def _presets_dir(doc: Document) -> str:
+def presets_dir(doc: Document) -> str:
+    """The presets directory (daemon.presets_dir), checked: an absolute path."""
     path = _typed(doc.table("daemon"), "presets_dir", str, DEFAULT_PRESETS_DIR)
     if not posixpath.isabs(path):
         raise doc.at("daemon", "presets_dir").error(f"must be an absolute path, got {path!r}")
