@@ -149,10 +149,12 @@ for f in /etc/subuid /etc/subgid; do
     "egressd restricts those uids too; remove the range if $USER_NAME does not need it"
 done
 
-# The presets of the default config, plus those asked for (a drop-in's key replaces the
-# config's, it does not add to it).
+# The presets of the default config, those an earlier run chose (a rerun to upgrade keeps
+# them: dropping an agent's preset would lock the agent out), plus those asked for now (a
+# drop-in's key replaces the config's, it does not add to it). To drop a preset, edit the
+# drop-in and `egressd reload`.
 list=""; seen=" "
-for p in $(sed -n 's/^presets = \[\(.*\)\]$/\1/p' /etc/egressd/egressd.toml | head -n 1 |
+for p in $(sed -n 's/^presets = \[\(.*\)\]$/\1/p' /etc/egressd/egressd.toml "$DROPIN" 2>/dev/null |
   tr -d '"' | tr ',' ' ') $PRESETS; do
   case "$seen" in *" $p "*) continue ;; esac
   seen="$seen$p "

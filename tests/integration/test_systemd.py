@@ -1138,6 +1138,11 @@ def test_install_sh_rerun_keeps_another_users_drop_in_and_says_so(
         assert '"python"' in now, now  # the default config's presets are kept
         assert wait_active(ct)["MainPID"] != pid
         assert ct.agent("resolve", "pypi.org", "4")["addrs"] == ["203.0.113.80"]
+        # A rerun without --preset (the README's upgrade) keeps the presets chosen before:
+        # dropping the agent's own preset would lock the agent out.
+        ct.exec([*install, "--user", AGENT_USER], timeout=180)
+        again = ct.exec(["cat", DROPIN]).stdout
+        assert '"claude-code"' in again and '"python"' in again, again
 
 
 def test_a_first_install_restricts_nobody_until_a_user_is_configured(
