@@ -17,9 +17,9 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import __version__, attribution, explain, sdnotify
+from . import __version__, attribution, sdnotify
 from .blocklog import BlockLog
 from .cache import Cache
 from .config import Config, profile_of
@@ -44,11 +44,13 @@ from .firewall.watch import RulesetWatch
 from .ledger import Ledger
 from .listener import Listener
 from .localaddrs import LocalAddressError, LocalAddresses
-from .metrics import MetricsServer
 from .pipeline import Pipeline, PolicyRef
 from .policy import Policy
 from .stats import Stats
 from .upstream import Latency, UpstreamResolver
+
+if TYPE_CHECKING:
+    from .metrics import MetricsServer
 
 UNPRIVILEGED_PORT_START = "/proc/sys/net/ipv4/ip_unprivileged_port_start"
 # The restricted uids of the last good install, read at boot by packaging/egressd-lockdown.
@@ -141,7 +143,8 @@ class Daemon:
         self.last_repair: dict[str, Any] | None = None
         # One latency histogram for every resolver a reload puts in: its counts only grow.
         self.latency = Latency()
-        self.metrics = MetricsServer(self.snapshot, self.latency)  # serves nowhere until told
+        # Made when metrics are configured: prometheus-client costs the start ~15 ms.
+        self.metrics: MetricsServer | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -227,7 +230,8 @@ class Daemon:
             await self._close_listeners(grace=STOP_GRACE)
             if self.control is not None:
                 await self.control.close()
-            await self.metrics.close()
+            if self.metrics is not None:
+                await self.metrics.close()
             self.watch.close()
             self.nflog.close()
             await self.firewall.close()
@@ -632,6 +636,12 @@ class Daemon:
         `egressd status`, not a refused start: metrics are for watching, the agent's DNS
         and the rules must not wait on a port clash. The next reload tries again."""
         address = config.daemon.metrics
+        if self.metrics is None:
+            if not address:
+                return
+            from .metrics import MetricsServer
+
+            self.metrics = MetricsServer(self.snapshot, self.latency)
         try:
             await self.metrics.serve(address)
         except OSError as err:
@@ -655,7 +665,10 @@ class Daemon:
 
     async def _ctl_resolve(self, args: dict[str, Any]) -> dict[str, Any]:
         """`egressd check --resolve`: the running policy's decision and, for an allowed
-        name only, its live answer (explain.resolve_live; grants nothing, no cache)."""
+        name only, its live answer (explain.resolve_live; grants nothing, no cache).
+        Imported here: only this command needs it, and a start is faster without."""
+        from . import explain
+
         assert self.pipeline is not None
         try:
             return await explain.resolve_live(
@@ -743,7 +756,7 @@ class Daemon:
             problems.append(f"the host's own addresses are unknown: {self._local_error}")
         if self.control is None:
             problems.append("the control socket is not served")
-        if self.metrics.address != config.daemon.metrics:
+        if (self.metrics.address if self.metrics else "") != config.daemon.metrics:
             problems.append(f"metrics are not served on {config.daemon.metrics}")
         return {
             "version": __version__,
