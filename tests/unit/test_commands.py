@@ -93,3 +93,26 @@ def test_ages() -> None:
         "1h01m",
         "1d01h",
     ]
+
+
+def test_the_service_start_loads_no_operator_command_module() -> None:
+    """`egressd run` (the unit's ExecStart, timed against a 300 ms budget) imports neither
+    the operator commands nor prometheus-client nor the Public Suffix List; `--help` does
+    list every command (the positive twin: the observation sees them when loaded)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; from egressd import cli, daemon; cli._parser(commands={}); "
+        "print(sorted(m for m in sys.modules if m.startswith(('egressd.commands.', "
+        "'egressd.doctor', 'egressd.suggest', 'egressd.explain', 'egressd.metrics', "
+        "'prometheus_client', 'publicsuffixlist'))))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", probe.format(False)], capture_output=True, text=True, check=True
+    )
+    assert run.stdout.strip() == "[]", run.stdout
+    full = subprocess.run(
+        [sys.executable, "-c", probe.format(True)], capture_output=True, text=True, check=True
+    )
+    assert "'egressd.commands.doctor'" in full.stdout and "'publicsuffixlist'" in full.stdout
