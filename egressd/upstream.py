@@ -6,10 +6,10 @@ authority records, other questions, id) ever leaves the host.
 
 Every UDP try has a socket of its own, connect()ed to the server: the kernel then picks a
 random source port and drops datagrams from any other address or port, so an off-path
-spoofer has to guess 16 bits of port and 16 bits of id (`secrets`) per query, as with
-dnspython before. Of what arrives, only the first datagram with QR set, the id and the
-question of the query counts; the rest is dropped and the wait goes on. The caller gets
-the answer as bytes; parsing it is dnswire's job.
+spoofer has to guess 16 bits of port and 16 bits of id (`secrets`, read in bulk by
+`QueryIds`) per query, as with dnspython before. Of what arrives, only the first
+datagram with QR set, the id and the question of the query counts; the rest is dropped
+and the wait goes on. The caller gets the answer as bytes; parsing it is dnswire's job.
 
 Identical questions in flight share one upstream resolution: a burst of clients asking
 the same name costs one upstream query (and one socket), not one each.
@@ -27,7 +27,6 @@ import struct
 import time
 from bisect import bisect_left
 from dataclasses import dataclass
-from functools import partial
 
 from .config import Upstream
 from .dnswire import OUR_PAYLOAD
@@ -115,6 +114,27 @@ class Latency:
         self.sum += seconds
 
 
+class QueryIds:
+    """Query ids from the kernel's random source (``secrets``), 2,048 per read.
+
+    Each id is 16 bits of its own from the CSPRNG, never derived from another, as with
+    ``secrets.randbits(16)`` per query; reading them in bulk saves a getrandom() system
+    call per query.
+    """
+
+    __slots__ = ("_left",)
+
+    BATCH = 2048
+
+    def __init__(self) -> None:
+        self._left: list[int] = []
+
+    def next(self) -> int:
+        if not self._left:
+            self._left = memoryview(secrets.token_bytes(2 * self.BATCH)).cast("H").tolist()
+        return self._left.pop()
+
+
 class BadAnswer(Exception):
     """A TCP answer that does not answer the query (a failed try)."""
 
@@ -126,13 +146,18 @@ class _Target:
     sockaddr: tuple[str, int]
 
 
+class _Reask(Exception):
+    """The first asker of a coalesced question was cancelled: the others ask again."""
+
+
 @dataclass(slots=True)
 class _Flight:
-    """One upstream resolution and the callers waiting for it."""
+    """One upstream resolution, made by its first asker, and the others waiting for it."""
 
-    task: asyncio.Task[bytes]
-    waiters: int = 0
-    aborted: bool = False  # close() cancelled it: waiters get an UpstreamError
+    # Made when a second asker joins (most questions have one asker, and a future whose
+    # error nobody reads would be reported as "never retrieved").
+    result: asyncio.Future[bytes] | None = None
+    aborted: bool = False  # close() ended it: everybody gets an UpstreamError
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,40 +200,74 @@ class UpstreamResolver:
         # Open UDP sockets (with their future) and TCP streams, for close().
         self._udp: dict[socket.socket, asyncio.Future[bytes]] = {}
         self._tcp: set[asyncio.StreamWriter] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ids = QueryIds()
 
     async def resolve(self, labels: Labels, qtype: int, rd: bool) -> bytes:
         """The upstream's response message, validated; UpstreamError when none answered.
 
-        Callers asking the same question while it is in flight share the one resolution
-        and get the same bytes (or the same error). A caller that is cancelled leaves the
-        others waiting; when the last one leaves, the resolution is cancelled too.
+        The first caller asking a question resolves it itself, in its own task (no task
+        of the resolver's: that took a task, a shield and two more turns of the event loop
+        per query). Callers asking the same question meanwhile wait for its result and
+        get the same bytes (or the same error). A waiter that is cancelled leaves the
+        others waiting; if the first caller is cancelled, its resolution ends with it and
+        the waiters ask again (one of them first now).
         """
         key = (labels, qtype, rd)
-        flight = self._inflight.get(key)
-        if flight is None:
-            task = asyncio.get_running_loop().create_task(self._resolve(labels, qtype, rd))
-            flight = self._inflight[key] = _Flight(task)
-            task.add_done_callback(partial(self._landed, key, flight))
-        flight.waiters += 1
+        while (flight := self._inflight.get(key)) is not None:
+            try:
+                return await self._join(flight)
+            except _Reask:
+                continue
+        flight = self._inflight[key] = _Flight()
         try:
-            return await asyncio.shield(flight.task)
+            wire = await self._resolve(labels, qtype, rd, flight)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if flight.aborted and current is not None and not current.cancelling():
+                err = UpstreamError("upstream resolver closed")
+                self._land(key, flight, err)
+                raise err from None
+            self._land(key, flight, _Reask())
+            raise
+        except Exception as err:
+            self._land(key, flight, err)
+            raise
+        self._land(key, flight, wire)
+        return wire
+
+    async def _join(self, flight: _Flight) -> bytes:
+        """Wait for another caller's resolution of the same question."""
+        if flight.result is None:
+            flight.result = asyncio.get_running_loop().create_future()
+        try:
+            # Shielded: a waiter's cancellation must not cancel the shared result.
+            return await asyncio.shield(flight.result)
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if flight.aborted and current is not None and not current.cancelling():
                 raise UpstreamError("upstream resolver closed") from None
             raise
-        finally:
-            flight.waiters -= 1
-            if flight.waiters == 0 and not flight.task.done():
-                # Nobody waits any more: free the socket now rather than at the timeout.
-                flight.task.cancel()
-                self._forget(key, flight)
+
+    def _land(self, key: tuple[Labels, int, bool], flight: _Flight, got: bytes | Exception) -> None:
+        """The first caller's resolution ended: hand its outcome to the waiters."""
+        if self._inflight.get(key) is flight:
+            del self._inflight[key]
+        fut = flight.result
+        if fut is None or fut.done():
+            return
+        if isinstance(got, bytes):
+            fut.set_result(got)
+        else:
+            fut.set_exception(got)
+            fut.exception()  # retrieved: no "never retrieved" warning when nobody waits
 
     def close(self) -> None:
         """Abort every resolution in flight and close every socket still open."""
-        for flight in list(self._inflight.values()):
+        for flight in self._inflight.values():
             flight.aborted = True
-            flight.task.cancel()
+            if flight.result is not None and not flight.result.done():
+                flight.result.cancel()
         self._inflight.clear()
         for sock, fut in list(self._udp.items()):
             fut.get_loop().remove_reader(sock.fileno())
@@ -219,18 +278,7 @@ class UpstreamResolver:
             writer.close()
         self._tcp.clear()
 
-    def _landed(
-        self, key: tuple[Labels, int, bool], flight: _Flight, task: asyncio.Task[bytes]
-    ) -> None:
-        self._forget(key, flight)
-        if not task.cancelled():
-            task.exception()  # retrieved: no "never retrieved" warning when nobody waited
-
-    def _forget(self, key: tuple[Labels, int, bool], flight: _Flight) -> None:
-        if self._inflight.get(key) is flight:
-            del self._inflight[key]
-
-    async def _resolve(self, labels: Labels, qtype: int, rd: bool) -> bytes:
+    async def _resolve(self, labels: Labels, qtype: int, rd: bool, flight: _Flight) -> bytes:
         """Ask the servers in turn (per-try timeout, TCP on truncation) until one answers.
 
         SERVFAIL and REFUSED count as a failed try: another server may do better. If every
@@ -245,6 +293,8 @@ class UpstreamResolver:
         last_bad: bytes | None = None
         n = len(self._targets)
         for attempt in range(max(self.tries, n)):
+            if flight.aborted:  # close() (a TCP try it ended looks like a failed try)
+                raise asyncio.CancelledError
             index = (self._preferred + attempt) % n
             target = self._targets[index]
             try:
@@ -269,8 +319,11 @@ class UpstreamResolver:
         )
 
     async def _udp_try(self, target: _Target, q: _Question) -> bytes:
-        loop = asyncio.get_running_loop()
-        query = q.query(secrets.randbits(16))
+        # The loop, kept: asyncio's own look-up costs a getpid() system call each time.
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        query = q.query(self._ids.next())
         sock = socket.socket(target.family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         fd = sock.fileno()
         fut: asyncio.Future[bytes] = loop.create_future()
@@ -310,7 +363,7 @@ class UpstreamResolver:
 
     async def _tcp_try(self, target: _Target, q: _Question) -> bytes:
         """The same question over TCP (after a truncated UDP answer; rare)."""
-        query = q.query(secrets.randbits(16))
+        query = q.query(self._ids.next())
         async with asyncio.timeout(self.timeout):
             reader, writer = await asyncio.open_connection(*target.sockaddr)
             self._tcp.add(writer)

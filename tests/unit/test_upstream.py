@@ -30,7 +30,14 @@ import pytest
 
 from egressd.config import Upstream
 from egressd.errors import UpstreamError
-from egressd.upstream import OUR_PAYLOAD, UpstreamResolver, build_query, is_answer, name_wire
+from egressd.upstream import (
+    OUR_PAYLOAD,
+    QueryIds,
+    UpstreamResolver,
+    build_query,
+    is_answer,
+    name_wire,
+)
 
 NAME = (b"www", b"example", b"com")
 A, AAAA = dns.rdatatype.A, dns.rdatatype.AAAA
@@ -564,11 +571,34 @@ def test_a_cancelled_waiter_leaves_the_others_answered() -> None:
             res = UpstreamResolver((up,), 2.0, 1)
             tasks = [asyncio.create_task(res.resolve(NAME, A, True)) for _ in range(3)]
             await server.got_query.wait()
+            tasks[1].cancel()  # a waiter, not the first asker (which resolves it)
+            with pytest.raises(asyncio.CancelledError):
+                await tasks[1]
+            assert [rdata(await t) for t in (tasks[0], tasks[2])] == [[REAL], [REAL]]
+            assert len(server.queries) == 1
+
+    run(main())
+
+
+def test_a_cancelled_first_asker_leaves_the_others_to_ask_again() -> None:
+    """The first asker resolves in its own task: cancelled, its query goes with it, and
+    the waiters are answered by one new query (not one each)."""
+
+    async def main() -> None:
+        async with fake_server(delay=0.2) as (server, up):
+            res = UpstreamResolver((up,), 2.0, 1)
+            before = open_fds()
+            tasks = [asyncio.create_task(res.resolve(NAME, A, True)) for _ in range(3)]
+            await server.got_query.wait()
+            assert open_fds() == before + 1  # positive twin: the first query's socket
             tasks[0].cancel()
             with pytest.raises(asyncio.CancelledError):
                 await tasks[0]
             assert [rdata(await t) for t in tasks[1:]] == [[REAL], [REAL]]
-            assert len(server.queries) == 1
+            assert len(server.queries) == 2
+            await settle()
+            assert open_fds() == before
+            assert not res._inflight and not res._udp
 
     run(main())
 
@@ -641,15 +671,32 @@ def test_close_aborts_what_is_in_flight() -> None:
             res = UpstreamResolver((up,), 5.0, 1)
             before = open_fds()
             task = asyncio.create_task(res.resolve(NAME, A, True))
+            waiter = asyncio.create_task(res.resolve(NAME, A, True))
             await server.got_query.wait()
             assert open_fds() == before + 1
             res.close()
             assert open_fds() == before  # at once, not when the task gets to run
-            with pytest.raises(UpstreamError, match="closed"):
-                await task
+            for t in (task, waiter):  # the first asker and the one waiting for it
+                with pytest.raises(UpstreamError, match="closed"):
+                    await t
+            assert len(server.queries) == 1  # the waiter did not ask again
             await settle()
             assert open_fds() == before
             # a closed resolver still answers new questions (a swap closes the old one)
             assert rdata(await res.resolve(NAME, A, True)) == [REAL]
 
     run(main())
+
+
+# --- query ids -------------------------------------------------------------------------------
+
+
+def test_query_ids_are_16_bit_and_refilled() -> None:
+    ids = QueryIds()
+    got = [ids.next() for _ in range(3 * QueryIds.BATCH + 5)]  # past three refills
+    assert all(0 <= i < 65536 for i in got)
+    # 6,149 draws of 16 bits: a constant or a short cycle would show as few values;
+    # uniform draws give ~5,900 distinct ones (birthday bound), a repeat-free run 6,149.
+    assert len(set(got)) > 5000
+    # both octets vary (a byte-order or cast slip would leave one fixed)
+    assert len({i >> 8 for i in got}) > 200 and len({i & 0xFF for i in got}) > 200
