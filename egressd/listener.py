@@ -200,6 +200,7 @@ class Listener:
         self.tcp_evicted = 0  # idle connections closed to make room for a new one
         self.tcp_refused = 0  # new connections refused: every slot had a query in progress
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
         self._udp: list[_UDP] = []
         self._tcp: list[asyncio.Server] = []
 
@@ -231,9 +232,11 @@ class Listener:
             return
         self.spawn(_resume(coro, waiting))
 
-    def spawn(self, coro: Awaitable[None]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         self.inflight += 1
-        task = asyncio.ensure_future(coro)
+        # The loop the listener started on: asyncio's own look-up costs a getpid() call.
+        loop = self._loop
+        task = loop.create_task(coro) if loop is not None else asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
@@ -245,7 +248,7 @@ class Listener:
             self.stats.malformed += 1
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         hosts = [("127.0.0.1", socket.AF_INET)]
         if self.ipv6:
             hosts.append(("::1", socket.AF_INET6))

@@ -139,23 +139,33 @@ class IptablesIpset:
             self._adt_sock = sock
         return self._adt_sock
 
-    def _adt_read(self) -> None:
-        """Hand every ACK waiting on the socket to whoever waits for it."""
+    def _adt_read(self, mine: int = 0) -> int | None:
+        """Hand every ACK waiting on the socket to whoever waits for it; the code of the
+        ACK of sequence number ``mine`` (a request whose sender reads at once), if it came.
+        """
         sock = self._adt_sock
+        got = None
         while sock is not None:
             try:
                 data = sock.recv(65536)
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError as err:
                 # ENOBUFS: ACKs were dropped, nobody can tell whose; all waiters fail now
                 # rather than at their timeout (their writes may or may not have landed).
+                # The sender reading at once fails too: its ACK may be among them.
                 self._adt_fail(FirewallError(f"ipset netlink socket: {err}"))
-                return
+                if mine:
+                    raise FirewallError(f"ipset netlink socket: {err}") from err
+                break
             for seq, code in ipsetmsg.acks(data):
+                if seq == mine:
+                    got = code
+                    continue
                 fut = self._adt_waiting.pop(seq, None)
                 if fut is not None and not fut.done():
                     fut.set_result(code)
+        return got
 
     def _adt_fail(self, err: FirewallError) -> None:
         waiting, self._adt_waiting = self._adt_waiting, {}
@@ -346,16 +356,17 @@ class IptablesIpset:
             data = ipsetmsg.encode(cmd, name, family, ws, seq, protocol=self._adt_protocol)
         except ValueError as err:
             raise FirewallError(f"ipset {verb} to {name} failed: {err}") from err
+        try:
+            sock.send(data)
+        except OSError as err:
+            raise FirewallError(f"ipset {verb} to {name} failed: {err}") from err
+        # Usually the ACK is there already: taken here, without a future.
+        code = self._adt_read(seq)
+        if code is not None:
+            return code
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._adt_waiting[seq] = fut
         try:
-            try:
-                sock.send(data)
-            except OSError as err:
-                raise FirewallError(f"ipset {verb} to {name} failed: {err}") from err
-            self._adt_read()
-            if fut.done():
-                return fut.result()
             try:
                 return await asyncio.wait_for(fut, ACK_TIMEOUT)
             except TimeoutError:
