@@ -16,6 +16,7 @@ import re
 import socket
 import struct
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -201,9 +202,14 @@ async def _with_kernel(
     script: Callable[[int, bytes], int | None],
     body: Callable[[IptablesIpset, list[bytes]], Awaitable[None]],
     sock_class: type[socket.socket] = socket.socket,
+    *,
+    instant: bool = False,
 ) -> None:
     """Run ``body`` with the backend's set-write socket wired to a fake kernel that answers
-    each request with script(cmd, request): an error code (0 = ACK), or None (silence)."""
+    each request with script(cmd, request): an error code (0 = ACK), or None (silence).
+
+    The fake answers from the event loop, after send() returned; ``instant``: inside
+    send(), as the real kernel does."""
     loop = asyncio.get_running_loop()
     ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     ours = sock_class(fileno=ours.detach())
@@ -219,15 +225,26 @@ async def _with_kernel(
         if code is not None:
             kernel.send(_err(seq, -code))
 
+    class Instant(socket.socket):
+        def send(self, data: Any, flags: int = 0) -> int:
+            n = super().send(data, flags)
+            answer()
+            return n
+
+    if instant:
+        ours = Instant(fileno=ours.detach())
+        ours.setblocking(False)
     fw = IptablesIpset()
     fw._adt_sock = ours
     fw._adt_protocol = PROTOCOL
     loop.add_reader(ours.fileno(), fw._adt_read)
-    loop.add_reader(kernel.fileno(), answer)
+    if not instant:
+        loop.add_reader(kernel.fileno(), answer)
     try:
         await body(fw, seen)
     finally:
-        loop.remove_reader(kernel.fileno())
+        if not instant:
+            loop.remove_reader(kernel.fileno())
         await fw.close()
         kernel.close()
 
@@ -314,3 +331,38 @@ def test_a_receive_error_fails_the_waiting_write_at_once() -> None:
             await asyncio.wait_for(fw.allow([W4]), 2)
 
     asyncio.run(_with_kernel(lambda cmd, req: 0, body, FlakySocket))
+
+
+def _done_at_once(fw: IptablesIpset) -> bool:
+    """Does ``allow`` finish in its first step (no future, no turn of the loop)?"""
+    coro = fw.allow([W4])
+    try:
+        coro.send(None)
+    except StopIteration:
+        return True
+    coro.close()
+    return False
+
+
+def test_an_ack_already_there_is_taken_without_waiting() -> None:
+    """The kernel handles a request inside send(): the write returns in its first step."""
+
+    async def body(fw: IptablesIpset, seen: list[bytes]) -> None:
+        assert _done_at_once(fw)
+        assert len(seen) == 1 and not fw._adt_waiting
+        with pytest.raises(FirewallError, match="set is full"):  # an error, at once too
+            await fw.allow([Write("egressd-p-v4", 4, "192.0.2.9", 60)])
+
+    def script(cmd: int, req: bytes) -> int:
+        return 4352 if bytes([192, 0, 2, 9]) in req else 0
+
+    asyncio.run(_with_kernel(script, body, instant=True))
+
+
+def test_positive_twin_an_ack_that_comes_later_is_waited_for() -> None:
+    async def body(fw: IptablesIpset, seen: list[bytes]) -> None:
+        assert not _done_at_once(fw)  # it had to wait (and was closed while waiting)
+        fw._adt_waiting.clear()
+        await fw.allow([W4])  # and waiting works: the ACK comes from the loop
+
+    asyncio.run(_with_kernel(lambda cmd, req: 0, body))
