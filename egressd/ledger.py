@@ -12,14 +12,15 @@ and to remove (nothing the new policy allows justifies them any more), so a poli
 reaches live state within a reload, without ever taking out an entry that is still
 justified.
 
-Times are ``time.monotonic()`` seconds, passed in (``now``) so the arithmetic is testable.
+Times are ``time.monotonic()`` seconds, passed in (``now``) so the arithmetic is testable;
+the expiries the ledger keeps are whole seconds (``Ledger._stamp``).
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from .allowlist import Labels
@@ -43,20 +44,66 @@ def labels_from(name: str) -> Labels:
     return tuple(label.lower() for label in name.encode("ascii", errors="replace").split(b"."))
 
 
-@dataclass(slots=True)
 class Reason:
     """One allowed name's answers in one profile: what they justify, until when.
 
     The set entries it justifies follow from its addresses and ports (``keys``); they are
     not stored, nor are the name's labels: a ledger holds one of these per live name, so
-    each byte counts (docs/design.md, "The hot path").
+    each byte counts (docs/design.md, "The hot path"). Most names answer with one address,
+    so that one is kept in two slots, and a dict is made only for a name with several
+    (a dict of one address costs ~190 B, more than the rest of the reason). A ledger's
+    reasons hold its expiries (whole seconds); a new one may hold any.
     """
 
-    profile: str
-    name: str  # the queried name, as in the set entries' comments
-    chain: tuple[Labels, ...]  # its CNAME targets (a deny line on one revokes the name)
-    ports: tuple[int, ...]  # the ports its allowlist line gave (empty: every port)
-    addrs: dict[str, float]  # ip -> expiry
+    __slots__ = ("_addrs", "_expiry", "chain", "name", "ports", "profile")
+
+    def __init__(
+        self,
+        profile: str,
+        name: str,  # the queried name, as in the set entries' comments
+        chain: tuple[Labels, ...],  # its CNAME targets (a deny line on one revokes the name)
+        ports: tuple[int, ...],  # the ports its allowlist line gave (empty: every port)
+        addrs: Mapping[str, float],  # ip -> expiry
+    ) -> None:
+        self.profile = profile
+        self.name = name
+        self.chain = chain
+        self.ports = ports
+        # One address: its ip here and its expiry in _expiry; none or several: a dict.
+        self._addrs: str | dict[str, float] = {}
+        self._expiry = 0.0
+        self._assign(addrs)
+
+    def _assign(self, addrs: Mapping[str, float]) -> None:
+        if len(addrs) == 1:
+            ((self._addrs, self._expiry),) = addrs.items()
+        else:
+            self._addrs, self._expiry = dict(addrs), 0.0
+
+    @property
+    def addrs(self) -> Mapping[str, float]:
+        """ip -> expiry: a copy (only the ledger changes a reason's addresses)."""
+        a = self._addrs
+        return {a: self._expiry} if isinstance(a, str) else dict(a)
+
+    def expiry(self, ip: str) -> float | None:
+        """Until when this reason justifies ``ip`` (None: it never named it)."""
+        a = self._addrs
+        if isinstance(a, str):
+            return self._expiry if a == ip else None
+        return a.get(ip)
+
+    def last(self) -> float:
+        """When its last address runs out (0 if it has none)."""
+        return max((exp for _, exp in self.items()), default=0.0)
+
+    def items(self) -> Iterator[tuple[str, float]]:
+        """(ip, expiry) of each address, without making a dict."""
+        a = self._addrs
+        if isinstance(a, str):
+            yield a, self._expiry
+        else:
+            yield from a.items()
 
     @property
     def labels(self) -> Labels:
@@ -66,9 +113,28 @@ class Reason:
         """The set entries this reason's addresses were granted as."""
         return [
             e.key
-            for ip in self.addrs
+            for ip, _ in self.items()
             for e in entries_for(self.profile, ip, family_of(ip), self.ports)
         ]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Reason):
+            return NotImplemented
+        return (self.profile, self.name, self.chain, self.ports, self.addrs) == (
+            other.profile,
+            other.name,
+            other.chain,
+            other.ports,
+            other.addrs,
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as a dataclass(eq=True) is
+
+    def __repr__(self) -> str:
+        return (
+            f"Reason({self.profile!r}, {self.name!r}, {self.chain!r}, {self.ports!r}, "
+            f"{dict(self.addrs)!r})"
+        )
 
 
 # What a reload's policy says of a reason: None (no longer allowed), or the entries it
@@ -76,7 +142,7 @@ class Reason:
 Judge = Callable[[Reason], "Sequence[Write] | None"]
 
 # Entries of one set: ip (hash:ip) or (ip, proto, port) (hash:ip,port) -> expiry.
-_Entries = dict[str | tuple[str, int, int], float]
+_Entries = dict[str | tuple[str, int, int], int]
 
 
 def _sub(key: Key) -> str | tuple[str, int, int]:
@@ -100,7 +166,7 @@ HISTORY = 20_000
 
 
 class Ledger:
-    __slots__ = ("_history", "_reasons", "_sets")
+    __slots__ = ("_history", "_reasons", "_sets", "_stamps")
 
     def __init__(self) -> None:
         # Per set: entry -> expiry. Nested rather than keyed by Key tuples, to keep a grant
@@ -110,8 +176,22 @@ class Ledger:
         self._reasons: dict[str, dict[str, Reason]] = {}
         # ip -> the reasons that justified it and were pruned (newest last).
         self._history: OrderedDict[str, list[Past]] = OrderedDict()
+        # The expiries in use, each once (see _stamp).
+        self._stamps: dict[int, int] = {}
 
-    def _expiry(self, key: Key) -> float | None:
+    def _stamp(self, exp: float) -> int:
+        """An expiry as the ledger keeps it: whole seconds, rounded down, one int object
+        per second shared by every grant that runs out in it.
+
+        A float per set entry and per reason was 64 B of every grant; the grants made
+        within one second now share one int. Rounded down: the kernel's timeout starts
+        when the write arrives, after ``now``, so the ledger never believes an entry
+        outlives the kernel's (at worst a re-arm is written up to a second early).
+        """
+        s = math.floor(exp)
+        return self._stamps.setdefault(s, s)
+
+    def _expiry(self, key: Key) -> int | None:
         entries = self._sets.get(key[0])
         return None if entries is None else entries.get(_sub(key))
 
@@ -161,8 +241,9 @@ class Ledger:
             entries = self._sets[key[0]] = {}
         sub = _sub(key)
         old = entries.get(sub)
-        if old is None or old < exp:
-            entries[sub] = exp
+        stamp = self._stamp(exp)
+        if old is None or old < stamp:
+            entries[sub] = stamp
 
     def commit(self, writes: Iterable[Write], now: float) -> None:
         """Record writes the kernel has accepted."""
@@ -174,11 +255,13 @@ class Ledger:
         names = self._reasons.get(reason.profile)
         if names is None:
             names = self._reasons[reason.profile] = {}
+        addrs: dict[str, float] = {ip: self._stamp(exp) for ip, exp in reason.items()}
         old = names.get(reason.name)
         if old is not None:
-            for ip, exp in old.addrs.items():
-                if exp > reason.addrs.get(ip, 0.0):
-                    reason.addrs[ip] = exp
+            for ip, exp in old.items():
+                if exp > addrs.get(ip, 0.0):
+                    addrs[ip] = exp
+        reason._assign(addrs)
         names[reason.name] = reason
 
     def knows(self, reason: Reason) -> bool:
@@ -191,7 +274,7 @@ class Ledger:
         if old is None or old.ports != reason.ports:
             return False
         slack = 60.0  # an expiry this close to the recorded one changes nothing a reload does
-        return all(old.addrs.get(ip, 0.0) >= exp - slack for ip, exp in reason.addrs.items())
+        return all((old.expiry(ip) or 0.0) >= exp - slack for ip, exp in reason.items())
 
     def load(self, entries: Iterable[Write], now: float) -> None:
         """Take over grants found in the kernel after a restart (timeout = seconds left).
@@ -210,7 +293,9 @@ class Ledger:
             r = names.get(w.comment)
             if r is None:
                 r = names[w.comment] = Reason(profile, w.comment, (), (), {})
-            r.addrs[w.ip] = max(r.addrs.get(w.ip, 0.0), exp)
+            have = r.expiry(w.ip)
+            if have is None or have < exp:
+                r._assign({**r.addrs, w.ip: self._stamp(exp)})
             if w.port and w.port not in r.ports:
                 r.ports = tuple(sorted((*r.ports, w.port)))
 
@@ -230,7 +315,7 @@ class Ledger:
         return sorted(
             r.name
             for r in self._reasons.get(profile, {}).values()
-            if r.addrs.get(key[1], 0.0) > now
+            if (r.expiry(key[1]) or 0.0) > now
         )
 
     def prune(self, now: float) -> int:
@@ -243,10 +328,12 @@ class Ledger:
                 del entries[sub]
             dead += len(gone)
         for names in self._reasons.values():
-            for name in [n for n, r in names.items() if max(r.addrs.values(), default=0) <= now]:
+            for name in [n for n, r in names.items() if r.last() <= now]:
                 r = names.pop(name)
-                for ip, exp in r.addrs.items():
+                for ip, exp in r.items():
                     self._remember(ip, Past(r.profile, r.name, r.ports, exp))
+        # A new grant runs out after now: the seconds up to now are not needed again.
+        self._stamps = {s: s for s in self._stamps.values() if s > now}
         return dead
 
     def _remember(self, ip: str, past: Past) -> None:
@@ -271,7 +358,7 @@ class Ledger:
         out: dict[tuple[str, str], list[str]] = {}
         for profile, names in self._reasons.items():
             for r in names.values():
-                for ip, exp in r.addrs.items():
+                for ip, exp in r.items():
                     if exp > now:
                         out.setdefault((profile, ip), []).append(r.name)
         for names_ in out.values():
@@ -281,7 +368,12 @@ class Ledger:
     def about(self, ip: str) -> tuple[list[Reason], list[Past]]:
         """What is known of an address, for any profile: the reasons naming it (live, or
         run out but not pruned yet: their ``addrs[ip]`` says which), and pruned ones."""
-        reasons = [r for names in self._reasons.values() for r in names.values() if ip in r.addrs]
+        reasons = [
+            r
+            for names in self._reasons.values()
+            for r in names.values()
+            if r.expiry(ip) is not None
+        ]
         return reasons, list(self._history.get(ip, ()))
 
     def reconcile(
@@ -308,10 +400,11 @@ class Ledger:
                     del names[name]
                     continue
                 # What it justifies from now on: the addresses and ports judged.
-                r.addrs = {ip: exp for ip, exp in r.addrs.items() if ip in {e.ip for e in entries}}
+                judged = {e.ip for e in entries}
+                r._assign({ip: exp for ip, exp in r.items() if ip in judged})
                 r.ports = tuple(sorted({e.port for e in entries if e.port}))
                 for e in entries:
-                    exp = r.addrs.get(e.ip, 0.0)
+                    exp = r.expiry(e.ip) or 0.0
                     if exp <= now:
                         continue
                     prev = desired.get(e.key)
@@ -326,7 +419,7 @@ class Ledger:
             if have is None or have > exp + 1:
                 timeout = max(1, math.ceil(exp - now))
                 adds.append(Write(e.set_name, e.family, e.ip, timeout, e.proto, e.port, e.comment))
-                self._sets.setdefault(key[0], {})[_sub(key)] = exp
+                self._sets.setdefault(key[0], {})[_sub(key)] = self._stamp(exp)
         removes: list[Write] = []
         for set_name_, entries_ in self._sets.items():
             for sub in list(entries_):

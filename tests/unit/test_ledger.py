@@ -364,3 +364,103 @@ def test_knows_a_repeat_answer_that_adds_nothing() -> None:
     other = Reason("agent", "b.example", (), (), {"192.0.2.1": 360.0})
     assert not led.knows(other)  # another name wrote the entries: record it too
     assert not led.knows(again(0.0, ["192.0.2.1", "192.0.2.2"]))  # one more address
+
+
+# --- the compact representation: one address in two slots, expiries as shared seconds ----------
+
+
+def test_reason_keeps_one_address_without_a_dict_and_several_in_one() -> None:
+    one = Reason("agent", "a.example", (), (), {"192.0.2.1": 360.0})
+    assert one.addrs == {"192.0.2.1": 360.0} and dict(one.items()) == {"192.0.2.1": 360.0}
+    assert one.expiry("192.0.2.1") == 360.0 and one.expiry("192.0.2.2") is None
+    assert one.last() == 360.0
+    two = Reason("agent", "b.example", (), (), {"192.0.2.1": 360.0, "192.0.2.2": 500.0})
+    assert two.addrs == {"192.0.2.1": 360.0, "192.0.2.2": 500.0}
+    assert two.expiry("192.0.2.2") == 500.0 and two.expiry("192.0.2.3") is None
+    assert two.last() == 500.0
+    none = Reason("agent", "c.example", (), (), {})
+    assert none.addrs == {} and list(none.items()) == [] and none.last() == 0.0
+    assert none.expiry("192.0.2.1") is None
+
+
+def test_reason_addrs_is_a_copy_and_the_caller_s_dict_is_not_kept() -> None:
+    given = {"192.0.2.1": 360.0, "192.0.2.2": 360.0}
+    r = Reason("agent", "a.example", (), (), given)
+    given["192.0.2.3"] = 1.0
+    r.addrs["192.0.2.4"] = 1.0  # type: ignore[index]
+    assert r.addrs == {"192.0.2.1": 360.0, "192.0.2.2": 360.0}
+
+
+def test_reason_equality_and_repr_as_the_dataclass_had_them() -> None:
+    a = Reason("agent", "a.example", (L("cdn.example"),), (443,), {"192.0.2.1": 360.0})
+    assert a == Reason("agent", "a.example", (L("cdn.example"),), (443,), {"192.0.2.1": 360.0})
+    assert a != Reason("agent", "a.example", (L("cdn.example"),), (443,), {"192.0.2.1": 361.0})
+    assert a != Reason("agent", "a.example", (), (443,), {"192.0.2.1": 360.0})
+    assert repr(a) == (
+        "Reason('agent', 'a.example', ((b'cdn', b'example'),), (443,), {'192.0.2.1': 360.0})"
+    )
+
+
+def test_justify_merges_one_address_into_several_and_reconcile_back_to_one() -> None:
+    led = Ledger()
+    grant(led, "a.example", ["192.0.2.1"], (), now=0.0)  # until 360
+    grant(led, "a.example", ["192.0.2.2"], (), now=100.0)  # another answer: until 460
+    (r,) = led.about("192.0.2.1")[0]
+    assert r.addrs == {"192.0.2.1": 360, "192.0.2.2": 460}
+    assert led.names(K(S4, "192.0.2.1"), 0.0) == ["a.example"]
+    assert led.names(K(S4, "192.0.2.2"), 0.0) == ["a.example"]
+
+    def only_the_second(reason: Reason) -> list[Write]:
+        return entries_for(AGENT.name, "192.0.2.2", 4, ())
+
+    adds, removes = led.reconcile(only_the_second, LIVE, now=200.0)
+    assert adds == [] and removes == [Write(S4, 4, "192.0.2.1", 0)]
+    (r,) = led.about("192.0.2.2")[0]
+    assert r.addrs == {"192.0.2.2": 460} and led.about("192.0.2.1")[0] == []
+    # An earlier, shorter answer for the address it has never shortens it.
+    led.justify(Reason("agent", "a.example", (), (), {"192.0.2.2": 400.0}))
+    assert led.about("192.0.2.2")[0][0].addrs == {"192.0.2.2": 460}
+
+
+def test_load_rebuilds_a_reason_of_several_addresses_and_ports() -> None:
+    led = Ledger()
+    led.load(
+        [
+            Write(P4, 4, "192.0.2.1", 100, TCP, 443, "a.example"),
+            Write(P4, 4, "192.0.2.1", 100, UDP, 443, "a.example"),
+            Write(P4, 4, "192.0.2.2", 50, TCP, 8443, "a.example"),
+            Write(P4, 4, "192.0.2.1", 10, TCP, 443, "a.example"),  # shorter: kept 100
+        ],
+        now=1000.0,
+    )
+    (r,) = led.about("192.0.2.1")[0]
+    assert r.name == "a.example" and r.ports == (443, 8443)
+    assert r.addrs == {"192.0.2.1": 1100, "192.0.2.2": 1050}
+
+
+def test_expiries_are_whole_seconds_rounded_down() -> None:
+    """The kernel's timeout starts after `now`: the ledger may think an entry runs out up
+    to a second early, never late."""
+    led = Ledger()
+    led.commit([Write(S4, 4, "192.0.2.1", 360)], now=10.75)
+    assert led.remaining(K(S4, "192.0.2.1"), 10.75) == 359.25
+    assert led.live(S4, 369.99) == 1 and led.live(S4, 370.0) == 0
+    # Still within the plan's slack: no write for a repeat of the same answer.
+    assert led.plan([E(S4, 4, "192.0.2.1", 300)], G, now=10.75) == []
+    led.justify(Reason("agent", "a.example", (), (), {"192.0.2.1": 370.75}))
+    assert led.about("192.0.2.1")[0][0].addrs == {"192.0.2.1": 370}
+    assert led.knows(Reason("agent", "a.example", (), (), {"192.0.2.1": 370.75}))
+
+
+def test_grants_of_one_second_share_one_expiry_object_until_pruned() -> None:
+    led = Ledger()
+    for i in range(50):
+        now = 1000.0 + i / 100  # all within one second
+        grant(led, f"n{i}.example", [f"192.0.2.{i}"], (), now=now)
+    expiries = {id(exp) for _, exp in led.entries(1000.0)}
+    assert len(expiries) == 1
+    reasons = [led.about(f"192.0.2.{i}")[0][0] for i in range(50)]
+    assert len({id(r.expiry(f"192.0.2.{i}")) for i, r in enumerate(reasons)} | expiries) == 1
+    assert led._stamps == {1360: 1360}
+    led.prune(1360.0)  # every grant ran out: its second is forgotten too
+    assert led._stamps == {} and led.live(S4, 0.0) == 0
