@@ -220,21 +220,23 @@ class UpstreamResolver:
             except _Reask:
                 continue
         flight = self._inflight[key] = _Flight()
+        # What the waiters get; if the first asker leaves any other way (cancelled, its
+        # coroutine closed), they ask again.
+        outcome: bytes | Exception = _Reask()
         try:
-            wire = await self._resolve(labels, qtype, rd, flight)
+            outcome = await self._resolve(labels, qtype, rd, flight)
+            return outcome
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if flight.aborted and current is not None and not current.cancelling():
-                err = UpstreamError("upstream resolver closed")
-                self._land(key, flight, err)
-                raise err from None
-            self._land(key, flight, _Reask())
+                outcome = UpstreamError("upstream resolver closed")
+                raise outcome from None
             raise
         except Exception as err:
-            self._land(key, flight, err)
+            outcome = err
             raise
-        self._land(key, flight, wire)
-        return wire
+        finally:
+            self._land(key, flight, outcome)
 
     async def _join(self, flight: _Flight) -> bytes:
         """Wait for another caller's resolution of the same question."""
@@ -300,7 +302,7 @@ class UpstreamResolver:
             try:
                 wire = await self._udp_try(target, q)
                 if wire[2] & _TC:
-                    wire = await self._tcp_try(target, q)
+                    wire = await self._tcp_try(target, q, flight)
             except (OSError, EOFError, BadAnswer) as err:
                 last_error = err
                 continue
@@ -361,13 +363,15 @@ class UpstreamResolver:
                 return
             self.ignored += 1
 
-    async def _tcp_try(self, target: _Target, q: _Question) -> bytes:
+    async def _tcp_try(self, target: _Target, q: _Question, flight: _Flight) -> bytes:
         """The same question over TCP (after a truncated UDP answer; rare)."""
         query = q.query(self._ids.next())
         async with asyncio.timeout(self.timeout):
             reader, writer = await asyncio.open_connection(*target.sockaddr)
             self._tcp.add(writer)
             try:
+                if flight.aborted:  # close() came while it connected
+                    raise asyncio.CancelledError
                 writer.write(len(query).to_bytes(2, "big") + query)
                 size = int.from_bytes(await reader.readexactly(2), "big")
                 wire = await reader.readexactly(size)

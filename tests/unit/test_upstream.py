@@ -603,6 +603,28 @@ def test_a_cancelled_first_asker_leaves_the_others_to_ask_again() -> None:
     run(main())
 
 
+def test_a_first_asker_closed_unawaited_leaves_no_waiter_hanging() -> None:
+    """A first asker whose coroutine is closed (not cancelled: GeneratorExit) must still
+    release its question: the waiter asks again instead of waiting forever."""
+
+    async def main() -> None:
+        async with fake_server(delay=0.1) as (server, up):
+            res = UpstreamResolver((up,), 2.0, 1)
+            first = res.resolve(NAME, A, True)
+            first.send(None)  # registered as the first asker, its query sent
+            waiter = asyncio.create_task(res.resolve(NAME, A, True))
+            await server.got_query.wait()
+            await asyncio.sleep(0)  # the waiter is waiting for the first asker
+            assert len(server.queries) == 1
+            first.close()
+            assert rdata(await asyncio.wait_for(waiter, 2)) == [REAL]
+            assert len(server.queries) == 2  # it asked again
+            await settle()
+            assert not res._inflight and not res._udp
+
+    run(main())
+
+
 def test_coalesced_waiters_share_the_error() -> None:
     async def main() -> None:
         async with fake_server(["drop"]) as (server, up):
