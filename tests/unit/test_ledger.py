@@ -464,3 +464,68 @@ def test_grants_of_one_second_share_one_expiry_object_until_pruned() -> None:
     assert led._stamps == {1360: 1360}
     led.prune(1360.0)  # every grant ran out: its second is forgotten too
     assert led._stamps == {} and led.live(S4, 0.0) == 0
+
+
+# --- the address index behind `about` --------------------------------------------------------
+
+
+def _scan(ledger: Ledger, ip: str) -> list[tuple[str, str]]:
+    """What `about` said before it had an index: every reason naming ip, by a full scan."""
+    return sorted(
+        (r.profile, r.name)
+        for names in ledger._reasons.values()
+        for r in names.values()
+        if r.expiry(ip) is not None
+    )
+
+
+def test_about_follows_every_change_of_the_reasons() -> None:
+    """justify (new, re-armed, more addresses), load, reconcile (dropped, narrowed) and
+    prune, in a seeded random order: `about` (from the index) always equals a full scan."""
+    import random
+
+    rnd = random.Random(7)
+    ledger = Ledger()
+    ips = [f"192.0.2.{i}" for i in range(12)]
+    names = [f"n{i}.example" for i in range(8)]
+    profiles = ("a", "b")
+    now = 1000.0
+    checked = 0
+    for step in range(600):
+        op = rnd.choice(("justify", "justify", "justify", "load", "reconcile", "prune"))
+        if op == "justify":
+            addrs = {ip: now + rnd.randint(1, 50) for ip in rnd.sample(ips, rnd.randint(1, 3))}
+            ledger.justify(Reason(rnd.choice(profiles), rnd.choice(names), (), (), addrs))
+        elif op == "load":
+            p = rnd.choice(profiles)
+            ip, ttl, name = rnd.choice(ips), rnd.randint(1, 50), rnd.choice(names)
+            ledger.load([Write(f"egressd-{p}-v4", 4, ip, ttl, 0, 0, name)], now)
+        elif op == "reconcile":
+            keep = set(rnd.sample(ips, 6))
+
+            def judge(r: Reason, keep: set[str] = keep) -> list[Write] | None:
+                if r.name == names[step % len(names)]:
+                    return None  # no longer allowed
+                return [
+                    Write(f"egressd-{r.profile}-v4", 4, ip, 0, 0, 0)
+                    for ip, _ in r.items()
+                    if ip in keep
+                ]
+
+            ledger.reconcile(judge, [f"egressd-{p}-v4" for p in profiles], now)
+        else:
+            now += rnd.randint(0, 30)
+            ledger.prune(now)
+        for ip in ips:
+            got = sorted((r.profile, r.name) for r in ledger.about(ip)[0])
+            assert got == _scan(ledger, ip), (step, op, ip)
+            checked += bool(got)
+    # The twin: the reasons were there to find (a check that never saw one proves nothing).
+    assert checked > 1000
+
+
+def test_about_is_empty_for_an_address_nobody_named() -> None:
+    ledger = Ledger()
+    ledger.justify(Reason("a", "x.example", (), (), {"192.0.2.1": 60.0}))
+    assert ledger.about("192.0.2.2") == ([], [])
+    assert [r.name for r in ledger.about("192.0.2.1")[0]] == ["x.example"]
