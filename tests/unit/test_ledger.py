@@ -502,9 +502,10 @@ def test_about_follows_every_change_of_the_reasons() -> None:
             ledger.load([Write(f"egressd-{p}-v4", 4, ip, ttl, 0, 0, name)], now)
         elif op == "reconcile":
             keep = set(rnd.sample(ips, 6))
+            gone = names[step % len(names)]
 
-            def judge(r: Reason, keep: set[str] = keep) -> list[Write] | None:
-                if r.name == names[step % len(names)]:
+            def judge(r: Reason, keep: set[str] = keep, gone: str = gone) -> list[Write] | None:
+                if r.name == gone:
                     return None  # no longer allowed
                 return [
                     Write(f"egressd-{r.profile}-v4", 4, ip, 0, 0, 0)
