@@ -530,3 +530,20 @@ def test_about_is_empty_for_an_address_nobody_named() -> None:
     ledger.justify(Reason("a", "x.example", (), (), {"192.0.2.1": 60.0}))
     assert ledger.about("192.0.2.2") == ([], [])
     assert [r.name for r in ledger.about("192.0.2.1")[0]] == ["x.example"]
+
+
+def test_a_prune_of_more_than_the_history_keeps_the_newest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import egressd.ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "HISTORY", 5)
+    ledger = Ledger()
+    for i in range(12):  # justified in this order: the last ones are the newest
+        ledger.justify(Reason("a", f"n{i}.example", (), (), {f"192.0.2.{i}": 10.0}))
+    ledger.prune(100.0)
+    kept = [i for i in range(12) if ledger.about(f"192.0.2.{i}")[1]]
+    assert kept == [7, 8, 9, 10, 11]
+    (past,) = ledger.about("192.0.2.11")[1]
+    assert (past.name, past.expired) == ("n11.example", 10)
+    assert ledger.about("192.0.2.11")[0] == []  # pruned: no live reason names it any more
