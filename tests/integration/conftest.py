@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from collections.abc import Generator, Iterator
+from types import FrameType
 
 import pytest
 from lab import CREATED_NAMESPACES, Lab, netns_list
@@ -27,11 +29,19 @@ REQUIRED_TOOLS = (
 )
 
 
+def _terminated(signum: int, frame: FrameType | None) -> None:
+    # As Ctrl-C: pytest stops the session and runs every fixture's teardown, so the labs
+    # of the tests in progress are removed (namespaces, processes, temp dirs). The default
+    # action of SIGTERM (a CI timeout, `kill`) would leave them on the machine.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # pyproject registers it too; repeating keeps --strict-markers happy if it doesn't.
     config.addinivalue_line(
         "markers", "netns: needs root; builds its own network namespaces and runs the real daemon"
     )
+    signal.signal(signal.SIGTERM, _terminated)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

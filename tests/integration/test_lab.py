@@ -8,6 +8,7 @@ import os
 import secrets
 import signal
 import struct
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -349,3 +350,46 @@ def test_cleanup_leaves_nothing(netns_session: None) -> None:
         except FileNotFoundError:
             continue
     lab.close()  # idempotent
+
+
+HOLD = """
+import os, time
+from pathlib import Path
+
+def test_hold(lab):
+    Path(os.environ["HOLD_READY"]).write_text(lab.host + " " + str(lab.tmpdir))
+    time.sleep(120)
+"""
+
+
+def test_a_terminated_test_run_removes_its_lab(netns_session: None, tmp_path: Path) -> None:
+    """SIGTERM (a CI timeout, `kill`) to a test run: the lab of the test in progress is
+    removed all the same (its namespaces, processes and temp dir), as on Ctrl-C."""
+    (tmp_path / "test_hold.py").write_text(HOLD)
+    ready = tmp_path / "ready"
+    here = Path(__file__).resolve().parent
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest"]
+        + ["--rootdir", str(tmp_path), str(tmp_path / "test_hold.py")],
+        env={**os.environ, "PYTHONPATH": str(here), "HOLD_READY": str(ready)},
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        host, tmpdir = ready.read_text().split()
+        # The twin: the lab was there while the test ran.
+        assert host in netns_list() and Path(tmpdir).is_dir()
+        run.send_signal(signal.SIGTERM)
+        out, _ = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    assert "KeyboardInterrupt" in out, out
+    assert host not in netns_list(), out
+    assert not Path(tmpdir).exists() and not Path("/etc/netns", host).exists(), out
