@@ -35,7 +35,9 @@ class _Seen:
 
 
 def _seen(reasons: Sequence[Reason], pasts: Sequence[Past], ip: str) -> list[_Seen]:
-    seen = [_Seen(r.profile, r.name, r.ports, r.addrs[ip]) for r in reasons if ip in r.addrs]
+    seen = [
+        _Seen(r.profile, r.name, r.ports, exp) for r in reasons if (exp := r.expiry(ip)) is not None
+    ]
     seen += [_Seen(p.profile, p.name, p.ports, p.expired) for p in pasts]
     # Latest first: the freshest grant is the best explanation.
     return sorted(seen, key=lambda s: (-s.expiry, s.profile, s.name))

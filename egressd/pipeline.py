@@ -494,7 +494,7 @@ class Pipeline:
         if denied and not pp.audit:  # audit mode grants every name
             return None
         ports = ports_of(decision, pp)
-        kept = self._screen(pp, reason.labels, list(reason.addrs)).kept
+        kept = self._screen(pp, reason.labels, [ip for ip, _ in reason.items()]).kept
         return [
             e
             for ip in kept
